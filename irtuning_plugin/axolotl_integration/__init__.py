@@ -1,0 +1,1 @@
+"""Axolotl integration: ``plugins: [irtuning_plugin.IRTuningPlugin]``."""

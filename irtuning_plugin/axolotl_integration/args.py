@@ -1,0 +1,109 @@
+"""Axolotl input args of the irtuning plugin: one flat pydantic model, every key prefixed ``irtuning_``.
+
+The fields are generated from the engine's :class:`SelectionConfig` and from each registered
+strategy's options, so a new strategy module brings its keys with it. All checking happens in one
+``mode="before"`` validator that sees the whole Axolotl config and fails with a one-line message
+naming the key, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+
+from irtuning_plugin.config import all_flat_keys, config_from_flat
+
+LOG = logging.getLogger(__name__)
+
+PLUGIN_NAME = "IRTuningPlugin"
+LISA_KEYS = ("lisa_n_layers", "lisa_step_interval", "lisa_layers_attribute")
+# strategies whose choice uses per-parameter gradients (ZeRO/FSDP shard or hide them)
+_NO_PEFT_LAYER_FILTER = ("peft_layers_to_transform", "layers_to_transform")
+
+
+def plugin_listed(data: dict) -> bool:
+    return any(PLUGIN_NAME in str(p) for p in (data.get("plugins") or []))
+
+
+def plugin_active(data: dict) -> bool:
+    """Listed in ``plugins:`` (Axolotl 0.19+) or switched on by ``irtuning_strategy`` (entry-point loading
+    of Axolotl >= 0.21 registers the plugin on every run)."""
+    return plugin_listed(data) or data.get("irtuning_strategy") is not None
+
+
+def _check_layers_path(data: dict, layers_path: str) -> None:
+    """Resolve irtuning_layers_path on a meta-device copy of the model (no weights are read)."""
+    base = data.get("base_model_config") or data.get("base_model")
+    if not base:
+        return
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        hf_config = AutoConfig.from_pretrained(base, trust_remote_code=bool(data.get("trust_remote_code")))
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf_config)
+    except Exception as err:  # noqa: BLE001 - unreachable config: checked again once the model is loaded
+        LOG.info("irtuning: layers path checked after model load (%s)", err)
+        return
+    from irtuning_plugin.layer_map import find_decoder_layers
+
+    find_decoder_layers(model, layers_path)
+
+
+def validate_axolotl_config(data: dict) -> dict:
+    if not isinstance(data, dict) or not plugin_active(data):
+        stray = sorted(k for k in (data or {}) if str(k).startswith("irtuning_") and data[k] is not None)
+        if stray:
+            raise ValueError(f"{stray[0]} is set but the irtuning plugin is off: add "
+                             f"irtuning_plugin.IRTuningPlugin to plugins and set irtuning_strategy")
+        return data
+    config = config_from_flat(data)
+    for key in LISA_KEYS:
+        if data.get(key) is not None:
+            raise ValueError(f"{key} (Axolotl's built-in LISA) cannot be combined with the irtuning plugin: "
+                             f"remove {key}, or use irtuning_strategy: lisa")
+    if config.scope == "adapter" and not data.get("adapter"):
+        raise ValueError("irtuning_scope='adapter' (the default) selects adapter layers but no `adapter` is set: "
+                         "set adapter: lora (or qlora), or irtuning_scope: full for full fine-tuning")
+    if config.scope == "full" and data.get("adapter"):
+        raise ValueError(f"irtuning_scope='full' selects whole layers but adapter={data.get('adapter')!r} is set: "
+                         "use irtuning_scope: adapter, or remove adapter")
+    if config.strategy != "all":
+        for key in _NO_PEFT_LAYER_FILTER:
+            if data.get(key) is not None:
+                raise ValueError(f"{key} restricts LoRA to fixed layers, which conflicts with "
+                                 f"irtuning_strategy={config.strategy!r}: remove {key}")
+    if data.get("deepspeed"):
+        raise ValueError("irtuning needs each layer's own gradients and requires_grad toggling; DeepSpeed ZeRO "
+                         "partitions them: remove deepspeed (DDP is supported)")
+    if data.get("fsdp") or data.get("fsdp_config"):
+        raise ValueError("irtuning does not support FSDP yet (sharded gradients give per-rank partial scores): "
+                         "remove fsdp/fsdp_config (DDP is supported)")
+    if config.layers_path:
+        _check_layers_path(data, config.layers_path)
+    return data
+
+
+def _build_args_model() -> type[BaseModel]:
+    fields: dict[str, Any] = {}
+    for key, (owner, f) in all_flat_keys().items():
+        text = f.metadata.get("help", "")
+        if owner:
+            text = f"[strategy {owner}] {text}"
+        fields[key] = (Optional[Any], Field(default=None, description=f"{text} (default: {f.default!r})"))
+
+    class _Base(BaseModel):
+        model_config = ConfigDict(protected_namespaces=())
+
+        @model_validator(mode="before")
+        @classmethod
+        def check_irtuning(cls, data):
+            return validate_axolotl_config(data)
+
+    return create_model("IRTuningArgs", __base__=_Base, __module__=__name__, **fields)
+
+
+IRTuningArgs = _build_args_model()

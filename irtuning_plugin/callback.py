@@ -1,0 +1,160 @@
+"""``LayerSelectionCallback``: drives the selection engine from any transformers Trainer.
+
+Use on a plain Trainer::
+
+    from irtuning_plugin import SelectionConfig, attach_layer_selection
+    attach_layer_selection(trainer, SelectionConfig(strategy="ir"))
+    trainer.train()
+
+With the Trainer at hand the callback scores the gradients before the Trainer clips them (as the
+reference does) and adds its figures to the Trainer's own logs; added by hand without the Trainer
+(``trainer.add_callback(LayerSelectionCallback(config, model))``) it scores in ``on_pre_optimizer_step``,
+i.e. after clipping, and says so in the log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from irtuning_plugin.config import SelectionConfig
+from irtuning_plugin.engine import LayerSelectionEngine
+
+LOG = logging.getLogger(__name__)
+
+SELECTION_LOG = "irtuning_selection.jsonl"
+HEATMAP = "irtuning_selection.png"
+RUN_SUMMARY = "irtuning_run.json"
+
+
+class LayerSelectionCallback(TrainerCallback):
+    def __init__(self, config: SelectionConfig, model: Any = None, *, trainer: Any = None,
+                 engine: LayerSelectionEngine | None = None):
+        self.config = config.check()
+        self.trainer = trainer
+        self.model = model if model is not None else getattr(trainer, "model", None)
+        self.engine = engine
+        self.rows: list[dict] = []
+        self._jsonl = None
+        self._is_main = True
+        self._output_dir: Path | None = None
+        self._patched = False
+
+    # ---- wiring --------------------------------------------------------------------------------
+    def _build_engine(self, args, model) -> None:
+        if self.engine is not None:
+            return
+        target = self.model if self.model is not None else model
+        if target is None:
+            raise ValueError("LayerSelectionCallback needs the model (pass model= or trainer=)")
+        seed = self.config.seed if self.config.seed is not None else int(getattr(args, "seed", 0))
+        self.engine = LayerSelectionEngine(target, self.config, seed=seed)
+
+    def _patch_trainer(self) -> None:
+        """Score before clipping, and put our figures into the Trainer's own log records."""
+        trainer = self.trainer
+        if trainer is None or self._patched:
+            return
+        accelerator = getattr(trainer, "accelerator", None)
+        if self.config.score_gradients == "unclipped" and accelerator is not None:
+            original_clip = accelerator.clip_grad_norm_
+
+            def clip_grad_norm_(parameters, *args, **kwargs):
+                self.engine.collect_scores()
+                return original_clip(parameters, *args, **kwargs)
+
+            accelerator.clip_grad_norm_ = clip_grad_norm_
+        original_log = trainer.log
+
+        def log(logs, *args, **kwargs):
+            if self.engine is not None and self.engine.started and "loss" in logs:
+                logs.update(self.engine.metrics(per_layer=self.config.log_scores))
+            return original_log(logs, *args, **kwargs)
+
+        trainer.log = log
+        self._patched = True
+
+    # ---- callback events ---------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
+        self._build_engine(args, model)
+        self._patch_trainer()
+        if self.config.score_gradients == "unclipped" and self.trainer is None and args.max_grad_norm:
+            LOG.warning("irtuning: callback added without the Trainer, so scores are of CLIPPED gradients "
+                        "(max_grad_norm=%s); use attach_layer_selection(trainer, config) to score unclipped "
+                        "ones as the reference does", args.max_grad_norm)
+        self._is_main = bool(getattr(state, "is_world_process_zero", True))
+        self.engine.begin(optimizer, train_dataloader)
+        LOG.info("irtuning: strategy %s on %s; step 1 trains layers %s", self.config.strategy,
+                 self.engine.layer_map.describe(), self.engine.active)
+        if self._is_main and args.output_dir:
+            self._output_dir = Path(args.output_dir)
+            self._output_dir.mkdir(parents=True, exist_ok=True)
+            if self.config.selection_log:
+                self._jsonl = open(self._output_dir / SELECTION_LOG, "w", encoding="utf-8")
+        return control
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.engine is not None and not self.engine.scored_this_step:
+            self.engine.collect_scores()
+        return control
+
+    def on_step_end(self, args, state, control, train_dataloader=None, **kwargs):
+        row = self.engine.end_step(state.global_step, train_dataloader)
+        self.rows.append(row)
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(row) + "\n")
+            self._jsonl.flush()
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and not self._patched and self.engine is not None and "loss" in logs:
+            logs.update(self.engine.metrics(per_layer=self.config.log_scores))
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._is_main and self._output_dir is not None:
+            self._write_run_summary(state)
+        if self._is_main and self._output_dir is not None and self.config.heatmap and self.rows:
+            from irtuning_plugin.selection_plot import plot_selection
+
+            try:
+                plot_selection(self.rows, self.engine.num_layers, self._output_dir / HEATMAP,
+                               title=f"irtuning strategy '{self.config.strategy}'")
+            except ImportError as err:  # matplotlib is optional
+                LOG.warning("irtuning: no heatmap (%s); pip install matplotlib", err)
+        return control
+
+    def _write_run_summary(self, state) -> None:
+        counts = [r["n_active"] for r in self.rows]
+        summary = {
+            "strategy": self.config.strategy,
+            "config": {k: v for k, v in vars(self.config).items()},
+            "num_layers": self.engine.num_layers,
+            "layers_path": self.engine.layer_map.layers_path,
+            "backward_cut": self.engine.backward_cut,
+            "steps": len(self.rows),
+            "layers_per_step": counts,
+            "losses": [(h["step"], h["loss"]) for h in state.log_history if "loss" in h],
+        }
+        with open(self._output_dir / RUN_SUMMARY, "w", encoding="utf-8") as fh:
+            json.dump(summary, fh, indent=1, default=str)
+
+
+def attach_layer_selection(trainer: Any, config: SelectionConfig | None = None) -> LayerSelectionCallback:
+    """Add layer selection to a transformers ``Trainer`` (before ``trainer.train()``)."""
+    cb = LayerSelectionCallback(config or SelectionConfig(), trainer=trainer)
+    trainer.add_callback(cb)
+    return cb
+
+
+def read_selection_log(path: str | os.PathLike) -> list[dict]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]

@@ -1,0 +1,208 @@
+"""``irtuning`` command line: prepare the built-in assets, run the demo, evaluate, summarise a run.
+
+    irtuning prepare [--tiny]               build/convert the model(s) and the data set, print their paths
+    irtuning demo [--max-steps N]           eval before, `axolotl train` the demo recipe, eval after, summary
+    irtuning eval --model M [--adapter A]   label-scoring accuracy / macro-F1 on a split
+    irtuning summary OUTPUT_DIR             what the selection did in a finished run
+    irtuning keys                           every irtuning_* key with its default (markdown table)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+LOG = logging.getLogger("irtuning")
+
+REPO_RECIPES = Path(__file__).resolve().parent.parent / "yaml_recipes"
+DEMO_RECIPE = REPO_RECIPES / "demo-smollm2-ir.yaml"
+AXOLOTL_ENV = {"AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
+               "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _cmd_prepare(args) -> int:
+    from irtuning_plugin.assets.models import prepare_smollm2, prepare_tiny_llama
+    from irtuning_plugin.assets.references import revision_data_dir
+
+    print(f"model  {prepare_smollm2()}")
+    if args.tiny:
+        print(f"tiny   {prepare_tiny_llama()}")
+    print(f"data   {revision_data_dir()}")
+    return 0
+
+
+def _load_split(split: str, limit: int | None, data_dir: str | None = None) -> list[dict]:
+    from irtuning_plugin.assets.references import revision_data_dir
+
+    path = Path(data_dir) if data_dir else revision_data_dir()
+    rows = [json.loads(line) for line in open(path / f"{split}.jsonl", encoding="utf-8") if line.strip()]
+    return rows[:limit] if limit else rows
+
+
+def _evaluate(model_path: str, adapter: str | None, split: str, limit: int | None, data_dir: str | None = None):
+    from irtuning_plugin.evaluation import evaluate_records, load_model_for_eval
+
+    model, tokenizer = load_model_for_eval(model_path, adapter)
+    return evaluate_records(model, tokenizer, _load_split(split, limit, data_dir))
+
+
+def _cmd_eval(args) -> int:
+    from irtuning_plugin.assets.references import resolve_reference
+
+    res = _evaluate(resolve_reference(args.model), args.adapter, args.split, args.limit, args.data)
+    print(f"n={res.n} accuracy={res.accuracy:.3f} macro_P={res.macro_precision:.3f} "
+          f"macro_R={res.macro_recall:.3f} macro_F1={res.macro_f1:.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res.as_dict(), indent=1))
+    return 0
+
+
+def summarize_run(output_dir: str | Path) -> dict:
+    out = Path(output_dir)
+    rows = [json.loads(x) for x in open(out / "irtuning_selection.jsonl", encoding="utf-8") if x.strip()]
+    run = json.loads((out / "irtuning_run.json").read_text()) if (out / "irtuning_run.json").exists() else {}
+    counts = [r["n_active"] for r in rows]
+    losses = run.get("losses", [])
+    return {
+        "strategy": run.get("strategy"),
+        "num_layers": run.get("num_layers"),
+        "steps": len(rows),
+        "layers_min": min(counts) if counts else None,
+        "layers_median": statistics.median(counts) if counts else None,
+        "layers_max": max(counts) if counts else None,
+        "lowest_trained_layer_median": statistics.median(r["lowest_active"] for r in rows) if rows else None,
+        "loss_first": losses[0][1] if losses else None,
+        "loss_last": losses[-1][1] if losses else None,
+        "selection_log": str(out / "irtuning_selection.jsonl"),
+        "heatmap": str(out / "irtuning_selection.png") if (out / "irtuning_selection.png").exists() else None,
+    }
+
+
+def _print_summary(s: dict) -> None:
+    print(f"strategy {s['strategy']}: {s['steps']} optimizer steps over {s['num_layers']} layers")
+    if s["loss_first"] is not None:
+        print(f"training loss {s['loss_first']:.4f} -> {s['loss_last']:.4f}")
+    print(f"layers trained per step: min {s['layers_min']}, median {s['layers_median']}, max {s['layers_max']}"
+          f" (median lowest trained layer {s['lowest_trained_layer_median']})")
+    print(f"selection log: {s['selection_log']}")
+    print(f"heatmap:       {s['heatmap']}")
+
+
+def _cmd_summary(args) -> int:
+    _print_summary(summarize_run(args.output_dir))
+    return 0
+
+
+def _axolotl_command() -> list[str]:
+    return [sys.executable, "-m", "axolotl.cli.main"]
+
+
+def _cmd_demo(args) -> int:
+    import yaml
+
+    from irtuning_plugin.assets.references import resolve_asset_references
+
+    recipe = Path(args.recipe)
+    cfg = yaml.safe_load(recipe.read_text())
+    resolve_asset_references(cfg)  # builds the model and data on first use
+    output_dir = Path(cfg.get("output_dir", "./outputs/demo"))
+    data_dir = str(Path(cfg["datasets"][0]["path"]).parent)
+    before = _evaluate(cfg["base_model"], None, "test", args.eval_limit, data_dir)
+    print(f"before training: accuracy {before.accuracy:.3f}, macro-F1 {before.macro_f1:.3f} (n={before.n})",
+          flush=True)
+    cmd = _axolotl_command() + ["train", str(recipe), "--launcher", args.launcher]
+    if args.max_steps:
+        cmd += [f"--max_steps={args.max_steps}"]
+    env = {**os.environ, **AXOLOTL_ENV}
+    print("running: " + " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, env=env)
+    if proc.returncode != 0:
+        print(f"axolotl train failed with exit code {proc.returncode}", file=sys.stderr)
+        return proc.returncode
+    after = _evaluate(cfg["base_model"], str(output_dir), "test", args.eval_limit, data_dir)
+    summary = summarize_run(output_dir)
+    summary.update(accuracy_before=before.accuracy, macro_f1_before=before.macro_f1,
+                   accuracy_after=after.accuracy, macro_f1_after=after.macro_f1, eval_n=after.n)
+    (output_dir / "irtuning_demo_summary.json").write_text(json.dumps(summary, indent=1))
+    print("\n=== irtuning demo summary ===")
+    _print_summary(summary)
+    print(f"test accuracy {before.accuracy:.3f} -> {after.accuracy:.3f}; "
+          f"macro-F1 {before.macro_f1:.3f} -> {after.macro_f1:.3f} (n={after.n}, label scoring)")
+    return 0
+
+
+KEYS_START, KEYS_END = "<!-- keys:start -->", "<!-- keys:end -->"
+
+
+def keys_table() -> str:
+    from irtuning_plugin.config import all_flat_keys
+    from irtuning_plugin.strategies import registered_strategies
+
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for key, (owner, f) in all_flat_keys().items():
+        text = f.metadata.get("help", "")
+        if key == "irtuning_strategy":
+            text += ": " + "; ".join(f"`{n}` {c.summary}" for n, c in registered_strategies().items())
+        if owner:
+            text = f"(strategy `{owner}`) {text}"
+        lines.append(f"| `{key}` | `{f.default!r}` | {text} |")
+    return "\n".join(lines)
+
+
+def _cmd_keys(args) -> int:
+    table = keys_table()
+    if args.write_readme:
+        path = Path(args.write_readme)
+        text = path.read_text()
+        head, rest = text.split(KEYS_START, 1)
+        _, tail = rest.split(KEYS_END, 1)
+        path.write_text(f"{head}{KEYS_START}\n{table}\n{KEYS_END}{tail}")
+    else:
+        print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="irtuning", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    sp = sub.add_parser("prepare", help="build the built-in model(s) and data set")
+    sp.add_argument("--tiny", action="store_true", help="also the tiny test model")
+    sp.set_defaults(func=_cmd_prepare)
+    sp = sub.add_parser("demo", help="run the demo: eval, axolotl train, eval, summary")
+    sp.add_argument("--recipe", default=str(DEMO_RECIPE))
+    sp.add_argument("--max-steps", type=int, default=None, help="override the recipe's max_steps")
+    sp.add_argument("--eval-limit", type=int, default=200, help="test examples scored before/after")
+    sp.add_argument("--launcher", default="python", choices=("python", "accelerate"))
+    sp.set_defaults(func=_cmd_demo)
+    sp = sub.add_parser("eval", help="label-scoring accuracy and macro P/R/F1")
+    sp.add_argument("--model", required=True, help="base model folder or irtuning:// reference")
+    sp.add_argument("--adapter", default=None, help="LoRA adapter folder (an Axolotl output_dir)")
+    sp.add_argument("--split", default="test", choices=("train", "val", "test"))
+    sp.add_argument("--data", default=None, help="data folder (default: the built-in data set)")
+    sp.add_argument("--limit", type=int, default=None)
+    sp.add_argument("--json", default=None, help="write the metrics here")
+    sp.set_defaults(func=_cmd_eval)
+    sp = sub.add_parser("summary", help="summarise a finished run's selection")
+    sp.add_argument("output_dir")
+    sp.set_defaults(func=_cmd_summary)
+    sp = sub.add_parser("keys", help="print every irtuning_* key (markdown)")
+    sp.add_argument("--write-readme", default=None, help="replace the key table between the markers of this file")
+    sp.set_defaults(func=_cmd_keys)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""The selection engine: which layers train now, and the score state behind the choice.
+
+The engine knows nothing of Trainers or Axolotl. A driver (``LayerSelectionCallback`` for any
+transformers Trainer) calls, per optimizer step:
+
+    engine.begin(optimizer)          # once: checks, first selection
+    engine.collect_scores()          # after backward, before the optimizer step
+    row = engine.end_step(step)      # after the step: record, select the next layers, apply
+
+Frozen layers get ``requires_grad=False`` and ``grad=None``, so AdamW neither steps nor decays them
+and keeps their moments for when they return.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from irtuning_kernels import layer_grad_norms
+from irtuning_plugin.config import PREFIX, SelectionConfig
+from irtuning_plugin.layer_map import LayerMap, build_layer_map, set_layers_trainable
+from irtuning_plugin.strategies import SENTINEL_SCORE, SelectionContext, get_strategy_class
+
+LOG = logging.getLogger(__name__)
+
+
+class SelectionError(RuntimeError):
+    """The engine cannot run in the setup it was given (raised before training starts)."""
+
+
+def _dist_world():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
+class LayerSelectionEngine:
+    def __init__(self, model: nn.Module, config: SelectionConfig, *, seed: int = 0,
+                 layer_map: LayerMap | None = None):
+        self.config = config.check()
+        self.model = model
+        self.layer_map = layer_map or build_layer_map(model, config.scope, config.layers_path)
+        L = self.layer_map.num_layers
+        self.num_layers = L
+        cls = get_strategy_class(config.strategy)
+        options = config.build_options()
+        options.check(f"{PREFIX}{config.strategy}_", L)
+        self.strategy = cls(L, options)
+        self.seed = int(seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.scores = torch.full((L,), SENTINEL_SCORE, dtype=torch.float64)
+        self.ever_measured = torch.zeros(L, dtype=torch.bool)
+        self.fresh = torch.zeros(L, dtype=torch.bool)
+        self.active: list[int] = list(range(L))
+        params, ids = self.layer_map.flat()
+        self._params = params
+        self._param_layer = ids
+        self.scored_this_step = False
+        self.last_score_seconds = 0.0
+        self.last_select_seconds = 0.0
+        self.backward_cut = False
+        self.started = False
+        self.last_row: dict | None = None
+
+    # ---- set-up -------------------------------------------------------------------------------
+    def check_optimizer(self, optimizer: Any) -> None:
+        """Every selectable parameter must be in the optimizer (else selecting it trains nothing)."""
+        if optimizer is None:
+            raise SelectionError("irtuning: the Trainer has no optimizer at train start; cannot check it")
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+        held = {id(p) for group in inner.param_groups for p in group["params"]}
+        missing = [(i, n) for i, (ps, ns) in enumerate(zip(self.layer_map.params, self.layer_map.names))
+                   for p, n in zip(ps, ns) if id(p) not in held]
+        if missing:
+            layer, name = missing[0]
+            raise SelectionError(
+                f"irtuning: {len(missing)} selectable parameters are not in the optimizer (first: layer {layer} "
+                f"'{name}'); the optimizer must be built over every layer's trainable tensors before selection "
+                f"freezes any (was it created after freezing, or with a custom parameter filter?)"
+            )
+
+    def _cut_backward(self) -> None:
+        """Remove ``enable_input_require_grads``' hook so backprop stops at the lowest trained layer."""
+        def hooks_of(m):
+            own = vars(m)  # not getattr: PEFT wrappers forward attribute lookups to the base model
+            hooks = list(own.get("_require_grads_hooks") or [])
+            single = own.get("_require_grads_hook")
+            return hooks + ([single] if single is not None and single not in hooks else [])
+
+        owners = [m for m in self.model.modules() if hooks_of(m)]
+        if not owners:
+            return
+        reentrant = False
+        for m in self.layer_map.layers:
+            func = getattr(m, "_gradient_checkpointing_func", None)
+            if getattr(m, "gradient_checkpointing", False) and func is not None:
+                reentrant = getattr(func, "keywords", {}).get("use_reentrant", True) is not False
+                break
+        if reentrant:
+            LOG.warning("irtuning: gradient checkpointing is reentrant, so the input-grad hook stays and the "
+                        "backward pass runs down to layer 0; use gradient_checkpointing_kwargs: "
+                        "{use_reentrant: false} to let it stop at the lowest trained layer")
+            return
+        for m in owners:
+            for hook in hooks_of(m):
+                hook.remove()
+            m._require_grads_hooks = []
+            vars(m).pop("_require_grads_hook", None)
+        self.backward_cut = True
+        LOG.info("irtuning: removed the embedding-output requires-grad hook; backprop stops at the lowest "
+                 "trained layer")
+
+    def begin(self, optimizer: Any = None, train_dataloader: Any = None, *, check_optimizer: bool = True) -> list[int]:
+        if check_optimizer:
+            self.check_optimizer(optimizer)
+        if self.config.cut_backward:
+            self._cut_backward()
+        self.strategy.setup(self)
+        self.started = True
+        self._select(step=0, train_dataloader=train_dataloader)
+        return self.active
+
+    # ---- per step -----------------------------------------------------------------------------
+    def collect_scores(self) -> torch.Tensor:
+        """Score every layer that has gradients now; others keep their last (stale) score."""
+        t0 = time.perf_counter()
+        grads, ids = [], []
+        for p, lid in zip(self._params, self._param_layer):
+            if p.grad is not None:
+                grads.append(p.grad)
+                ids.append(lid)
+        fresh = torch.zeros(self.num_layers, dtype=torch.bool)
+        if grads:
+            res = layer_grad_norms(grads, ids, self.num_layers, backend=self.config.kernel_backend)
+            layer_scores = self.strategy.layer_scores(res.per_tensor_sq, torch.as_tensor(ids, dtype=torch.long))
+            fresh = res.measured.cpu()
+            self.scores[fresh] = layer_scores[fresh]
+        self.fresh = fresh
+        self.ever_measured |= fresh
+        self.scored_this_step = True
+        self.last_score_seconds = time.perf_counter() - t0
+        return self.scores
+
+    def end_step(self, step: int, train_dataloader: Any = None) -> dict:
+        """Record the step that just ended and choose (and apply) the layers of the next one."""
+        if not self.scored_this_step:
+            self.fresh = torch.zeros(self.num_layers, dtype=torch.bool)
+        row = {
+            "step": int(step),
+            "active": list(self.active),
+            "n_active": len(self.active),
+            "lowest_active": min(self.active) if self.active else None,
+            "scores": [round(float(s), 6) for s in self.scores],
+            "fresh": [i for i in range(self.num_layers) if bool(self.fresh[i])],
+            "score_ms": round(self.last_score_seconds * 1e3, 3),
+        }
+        self._select(step=step, train_dataloader=train_dataloader)
+        row["select_ms"] = round(self.last_select_seconds * 1e3, 3)
+        row["next_active"] = list(self.active)
+        self.scored_this_step = False
+        self.last_row = row
+        return row
+
+    def _select(self, step: int, train_dataloader: Any = None) -> None:
+        t0 = time.perf_counter()
+        ctx = SelectionContext(
+            step=step, num_layers=self.num_layers, scores=self.scores.clone(),
+            ever_measured=self.ever_measured.clone(), fresh=self.fresh.clone(), active=list(self.active),
+            generator=self.generator, engine=self, train_dataloader=train_dataloader,
+        )
+        chosen = sorted({int(i) for i in self.strategy.select(ctx)})
+        if not chosen or chosen[0] < 0 or chosen[-1] >= self.num_layers:
+            raise SelectionError(f"strategy {self.strategy.name!r} chose invalid layers {chosen}")
+        chosen = self._same_on_every_rank(chosen)
+        set_layers_trainable(self.layer_map, chosen)
+        self.active = chosen
+        self.last_select_seconds = time.perf_counter() - t0
+
+    def _same_on_every_rank(self, chosen: list[int]) -> list[int]:
+        world, _ = _dist_world()
+        if world == 1:
+            return chosen
+        backend = torch.distributed.get_backend()
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        mask = torch.zeros(self.num_layers, dtype=torch.uint8, device=device)
+        mask[chosen] = 1
+        torch.distributed.broadcast(mask, src=0)
+        return mask.nonzero().flatten().cpu().tolist()
+
+    def metrics(self, per_layer: bool = False) -> dict[str, float]:
+        """Figures of the optimizer step that ended last (what the Trainer logs next to its loss)."""
+        active = self.last_row["active"] if self.last_row else self.active
+        out = {
+            "irtuning/active_layers": float(len(active)),
+            "irtuning/lowest_active": float(min(active)) if active else -1.0,
+        }
+        if per_layer:
+            for i, s in enumerate(self.scores.tolist()):
+                out[f"irtuning/score_{i:02d}"] = float(s)
+        return out

@@ -1,0 +1,41 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+setup(
+    name="irtuning",
+    version="0.1.0",
+    description="IR-Tuning and other layer-selection PEFT strategies for Axolotl, LLaMA-Factory and transformers",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8") if (HERE / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    # The kernels live in kernels/ but install as irtuning_kernels: Axolotl depends on Hugging Face's
+    # own top-level `kernels` package, which a top-level kernels/ of ours would shadow.
+    packages=find_packages(include=["irtuning_plugin", "irtuning_plugin.*"]) + ["irtuning_kernels"],
+    package_dir={"irtuning_kernels": "kernels"},
+    include_package_data=True,
+    package_data={"irtuning_plugin": ["recipes/*.yaml"]},
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=4.46",
+        "peft>=0.13",
+        "numpy",
+        "pyyaml",
+    ],
+    extras_require={
+        "axolotl": ["axolotl>=0.19.0"],
+        "triton": ["triton>=3.0"],
+        "plot": ["matplotlib"],
+        "demo": ["gguf", "accelerate", "matplotlib"],
+        "tests": ["pytest", "pytest-benchmark", "matplotlib", "gguf", "accelerate", "ruff"],
+    },
+    entry_points={
+        "console_scripts": ["irtuning=irtuning_plugin.cli:main"],
+        # Axolotl >= 0.21 loads every plugin of this group on every run; ours does nothing unless
+        # irtuning_strategy is set.
+        "axolotl.plugins": ["irtuning=irtuning_plugin.axolotl_integration.plugin:IRTuningPlugin"],
+    },
+)

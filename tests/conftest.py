@@ -1,0 +1,38 @@
+"""Test set-up shared by every test module.
+
+TRITON_INTERPRET must be set before the kernel module is imported (Triton reads it at import).
+The built-in assets go to a cache outside the repo; the tiny model is built once per session.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Our kernels/ folder would shadow Hugging Face's `kernels` package if the repo root were importable.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
+
+import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end runs (axolotl train, SmolLM2)")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir():
+    from irtuning_plugin.assets.models import prepare_tiny_llama
+
+    return prepare_tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    from irtuning_plugin.assets.models import prepare_smollm2
+
+    return prepare_smollm2()

@@ -1,0 +1,129 @@
+"""The Axolotl plugin: config validation through Axolotl's own code, and real `axolotl train` runs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPES = REPO / "yaml_recipes"
+AXOLOTL_ENV = {**os.environ, "AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
+               "PYTHONSAFEPATH": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def base_cfg(tiny_model_dir, **over):
+    cfg = {
+        "base_model": str(tiny_model_dir),
+        "plugins": ["irtuning_plugin.IRTuningPlugin"],
+        "irtuning_strategy": "ir",
+        "datasets": [{"path": "irtuning://revision-intention/train.jsonl", "ds_type": "json", "type": "input_output"}],
+        "adapter": "lora", "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
+        "lora_target_modules": ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"],
+        "lora_mlp_kernel": False, "lora_qkv_kernel": False, "lora_o_kernel": False,
+        "sequence_len": 128, "micro_batch_size": 2, "gradient_accumulation_steps": 1, "max_steps": 2,
+        "learning_rate": 1e-3, "output_dir": "/tmp/irtuning-validate", "optimizer": "adamw_torch",
+    }
+    cfg.update(over)
+    return {k: v for k, v in cfg.items() if v is not None}
+
+
+def validate(cfg):
+    from axolotl.cli.config import prepare_plugins
+    from axolotl.utils.config import validate_config
+    from axolotl.utils.dict import DictDefault
+
+    cfg = DictDefault(cfg)
+    prepare_plugins(cfg)
+    return validate_config(cfg)
+
+
+def test_valid_config_keeps_our_keys(tiny_model_dir):
+    cfg = validate(base_cfg(tiny_model_dir, irtuning_ir_boundary="strict"))
+    assert cfg.irtuning_strategy == "ir" and cfg.irtuning_ir_boundary == "strict"
+
+
+@pytest.mark.parametrize("over,fragment", [
+    ({"irtuning_strategy": "lasso"}, "irtuning_strategy='lasso' is not a strategy; allowed: "),
+    ({"irtuning_ir_window_low": 0.8}, "irtuning_ir_window_low=0.8 / irtuning_ir_window_high=0.65"),
+    ({"irtuning_ir_interval": 0}, "irtuning_ir_interval=0; must be >= 1"),
+    ({"irtuning_layers_path": "model.blocks"}, "irtuning_layers_path='model.blocks' does not resolve"),
+    ({"lisa_n_layers": 2}, "lisa_n_layers (Axolotl's built-in LISA) cannot be combined"),
+    ({"adapter": None}, "irtuning_scope='adapter' (the default) selects adapter layers but no `adapter` is set"),
+    ({"irtuning_scope": "full"}, "irtuning_scope='full' selects whole layers but adapter='lora'"),
+    ({"irtuning_strategy": "all", "irtuning_ir_split_num": 2}, "irtuning_ir_split_num is an option of strategy 'ir'"),
+    ({"irtuning_windw": 0.3}, "irtuning_windw is not an irtuning key"),
+    ({"peft_layers_to_transform": [1, 2]}, "peft_layers_to_transform restricts LoRA to fixed layers"),
+])
+def test_bad_input_is_refused_before_training(tiny_model_dir, over, fragment):
+    with pytest.raises(Exception) as err:
+        validate(base_cfg(tiny_model_dir, **over))
+    assert fragment in str(err.value), str(err.value)
+
+
+def test_paper_recipe_validates():
+    cfg = yaml.safe_load((RECIPES / "llama-3.1-8b-instruct-iterater-ir-lora.yaml").read_text())
+    cfg["datasets"][0]["path"] = "/nonexistent/train.jsonl"  # validation does not read data
+    out = validate(cfg)
+    assert out.lora_r == 32 and out.lora_alpha == 64 and out.learning_rate == 2e-4 and out.seed == 171
+    assert out.irtuning_strategy == "ir"
+
+
+def run_axolotl(tmp_path, cfg, launcher="python", extra=()):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cmd = [str(Path(sys.executable).parent / "axolotl"), "train", str(path), "--launcher", launcher, *extra]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=AXOLOTL_ENV, capture_output=True, text=True, timeout=900)
+    log = proc.stdout + proc.stderr
+    (tmp_path / "axolotl.log").write_text(log)
+    assert proc.returncode == 0, log[-4000:]
+    return log
+
+
+def slice_of_train(tmp_path, n):
+    from irtuning_plugin.assets.references import revision_data_dir
+
+    rows = (revision_data_dir() / "train.jsonl").read_text().splitlines()[:n]
+    out = tmp_path / "slice.jsonl"
+    out.write_text("\n".join(rows) + "\n")
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["python", "accelerate"])
+def test_axolotl_train_runs_the_plugin(tmp_path, tiny_model_dir, launcher):
+    data = slice_of_train(tmp_path, 96)
+    steps = 16 if launcher == "python" else 6
+    cfg = base_cfg(
+        tiny_model_dir, datasets=[{"path": str(data), "ds_type": "json", "type": "input_output"}],
+        output_dir=str(tmp_path / "out"), dataset_prepared_path=str(tmp_path / "prepared"), max_steps=steps,
+        micro_batch_size=4, learning_rate=5e-3, lr_scheduler="constant", logging_steps=1, save_strategy="no",
+        val_set_size=0, train_on_inputs=False, seed=3,
+    )
+    run_axolotl(tmp_path, cfg, launcher)
+    out = tmp_path / "out"
+    rows = [json.loads(x) for x in (out / "irtuning_selection.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))  # one row per optimizer step
+    assert len({r["n_active"] for r in rows}) > 1  # the number of trained layers varies
+    assert all(r["n_active"] < 8 for r in rows[2:])
+    assert (out / "irtuning_selection.png").stat().st_size > 1000
+    run = json.loads((out / "irtuning_run.json").read_text())
+    assert run["num_layers"] == 8 and run["backward_cut"] is True
+    losses = [loss for _, loss in run["losses"]]
+    assert len(losses) == steps
+    if launcher == "python":
+        assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4  # the loss went down
+
+
+@pytest.mark.slow
+def test_demo_recipe_runs_on_smollm2(tmp_path, smollm2_dir):
+    cfg = yaml.safe_load((RECIPES / "demo-smollm2-ir.yaml").read_text())
+    cfg.update(max_steps=3, output_dir=str(tmp_path / "out"), dataset_prepared_path=str(tmp_path / "prepared"),
+               logging_steps=1)
+    run_axolotl(tmp_path, cfg)
+    rows = [json.loads(x) for x in (tmp_path / "out" / "irtuning_selection.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(len(r["scores"]) == 30 for r in rows)
+    assert 10 <= rows[0]["n_active"] <= 20  # 30 layers: cut window 10..19

@@ -1,0 +1,186 @@
+"""The selection engine on a plain transformers Trainer with a tiny PEFT-wrapped Llama."""
+
+import json
+
+import pytest
+import torch
+from helpers_tiny import make_trainer, tiny_peft_llama
+from transformers import TrainerCallback
+
+from irtuning_plugin.callback import LayerSelectionCallback, attach_layer_selection, read_selection_log
+from irtuning_plugin.config import SelectionConfig
+from irtuning_plugin.engine import SelectionError
+from irtuning_plugin.layer_map import LayerMapError, build_layer_map
+from irtuning_plugin.strategies.ir import reference_layer_scores
+
+
+class Recorder(TrainerCallback):
+    """Snapshots LoRA tensors around every step, gradients before clipping, and grad presence."""
+
+    def __init__(self, layer_map):
+        self.lm = layer_map
+        self.before, self.changed, self.has_grad, self.unclipped_sq = [], [], [], []
+
+    def wrap_clip(self, trainer):
+        original = trainer.accelerator.clip_grad_norm_
+
+        def clip(params, *a, **k):
+            sq, ids = [], []
+            for i, ps in enumerate(self.lm.params):
+                for p in ps:
+                    if p.grad is not None:
+                        sq.append(p.grad.detach().double().pow(2).sum())
+                        ids.append(i)
+            self.unclipped_sq.append((torch.stack(sq), torch.tensor(ids)))
+            return original(params, *a, **k)
+
+        trainer.accelerator.clip_grad_norm_ = clip
+
+    def on_step_begin(self, args, state, control, **kw):
+        self.before = [[p.detach().clone() for p in ps] for ps in self.lm.params]
+
+    def on_pre_optimizer_step(self, args, state, control, **kw):
+        self.has_grad.append([[p.grad is not None for p in ps] for ps in self.lm.params])
+
+    def on_step_end(self, args, state, control, **kw):
+        self.changed.append([[not torch.equal(b, p.detach()) for b, p in zip(bs, ps)]
+                             for bs, ps in zip(self.before, self.lm.params)])
+
+
+def run_tiny(tmp_path, strategy="ir", max_steps=8, max_grad_norm=1e-3, **cfg):
+    model = tiny_peft_llama()
+    trainer = make_trainer(model, tmp_path, max_steps=max_steps, max_grad_norm=max_grad_norm)
+    cb = attach_layer_selection(trainer, SelectionConfig(strategy=strategy, **cfg))
+    rec = Recorder(build_layer_map(model))
+    rec.wrap_clip(trainer)  # ours wraps this wrapper at train begin, so both see unclipped gradients
+    trainer.add_callback(rec)
+    trainer.train()
+    return cb, rec, trainer
+
+
+def test_only_selected_layers_train_and_scores_follow_the_reference(tmp_path):
+    cb, rec, _ = run_tiny(tmp_path)
+    rows = cb.rows
+    assert len(rows) == 8
+    counts = [r["n_active"] for r in rows]
+    assert len(set(counts)) > 1 or set(counts) != {6}  # the selection really changes the trained set
+    for step, row in enumerate(rows):
+        active = set(row["active"])
+        assert active != set(range(6)) or step == 1  # step 2 may train all never-measured layers
+        for layer in range(6):
+            changed = rec.changed[step][layer]
+            grads = rec.has_grad[step][layer]
+            if layer in active:
+                assert all(changed) and all(grads), (step, layer)
+            else:
+                assert not any(changed), f"frozen layer {layer} changed at step {step + 1}"
+                assert not any(grads), f"frozen layer {layer} has a gradient at step {step + 1}"
+        # scores of this step's layers = sqrt(sum sqrt ||g||) of the UNCLIPPED gradients, recomputed here
+        sq, ids = rec.unclipped_sq[step]
+        expected = reference_layer_scores(sq, ids, 6)
+        for layer in active:
+            assert row["scores"][layer] == pytest.approx(expected[layer].item(), rel=1e-5)
+        assert row["fresh"] == sorted(active)
+
+
+def test_scores_of_frozen_layers_are_stale_and_sentinel_until_measured(tmp_path):
+    cb, _, _ = run_tiny(tmp_path, max_steps=3)
+    first, second = cb.rows[0], cb.rows[1]
+    for layer in range(6):
+        if layer not in first["active"]:
+            assert first["scores"][layer] == 1000.0
+        if layer not in second["active"]:
+            assert second["scores"][layer] == first["scores"][layer]
+
+
+def test_clipped_scores_differ_from_unclipped(tmp_path):
+    unclipped, _, _ = run_tiny(tmp_path / "a", max_steps=1)
+    clipped, _, _ = run_tiny(tmp_path / "b", max_steps=1, score_gradients="clipped")
+    assert unclipped.rows[0]["active"] == clipped.rows[0]["active"]
+    layer = unclipped.rows[0]["active"][0]
+    assert clipped.rows[0]["scores"][layer] < unclipped.rows[0]["scores"][layer]
+
+
+def test_all_strategy_trains_every_layer(tmp_path):
+    cb, rec, _ = run_tiny(tmp_path, strategy="all", max_steps=2)
+    assert all(r["n_active"] == 6 for r in cb.rows)
+    assert all(all(all(c) for c in step) for step in rec.changed)
+
+
+def test_selection_log_heatmap_and_trainer_logs(tmp_path):
+    cb, _, trainer = run_tiny(tmp_path, max_steps=4, log_scores=True)
+    rows = read_selection_log(tmp_path / "irtuning_selection.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows == json.loads(json.dumps(cb.rows))
+    png = tmp_path / "irtuning_selection.png"
+    assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert all("irtuning/active_layers" in h and "irtuning/score_00" in h for h in logged)
+    assert [h["irtuning/active_layers"] for h in logged] == [float(r["n_active"]) for r in rows]
+
+
+def test_same_seed_same_selection_different_seed_differs(tmp_path):
+    a, _, _ = run_tiny(tmp_path / "a", max_steps=3, seed=5)
+    b, _, _ = run_tiny(tmp_path / "b", max_steps=3, seed=5)
+    assert [r["active"] for r in a.rows] == [r["active"] for r in b.rows]
+    firsts = {tuple(run_tiny(tmp_path / f"s{s}", max_steps=1, seed=s)[0].rows[0]["active"]) for s in range(4)}
+    assert len(firsts) > 1
+
+
+def test_optimizer_missing_selectable_parameters_fails_loudly(tmp_path):
+    model = tiny_peft_llama()
+    lm = build_layer_map(model)
+    partial = [p for ps in lm.params[:3] for p in ps]
+    opt = torch.optim.AdamW(partial, lr=1e-3)
+    trainer = make_trainer(model, tmp_path, optimizers=(opt, None))
+    attach_layer_selection(trainer, SelectionConfig())
+    with pytest.raises(SelectionError, match="not in the optimizer"):
+        trainer.train()
+
+
+def test_layer_map_finds_blocks_through_peft_and_reports_outside_params():
+    model = tiny_peft_llama()
+    lm = build_layer_map(model)
+    assert lm.num_layers == 6 and lm.layers_path.endswith("model.layers")
+    assert all(len(ps) == 10 for ps in lm.params)  # A and B of q, k, v, up, down
+    assert all("lora_" in n for ns in lm.names for n in ns)
+    assert build_layer_map(model, layers_path="model.layers").layers is lm.layers  # relative to the base model
+    full = build_layer_map(model, scope="full")
+    assert len(full.params[0]) > 10
+    with pytest.raises(LayerMapError, match="irtuning_layers_path='model.decoder' does not resolve"):
+        build_layer_map(model, layers_path="model.decoder")
+
+
+@pytest.mark.parametrize("cut", [True, False])
+def test_backward_stops_at_lowest_trained_layer(tmp_path, cut):
+    """With the input-grad hook removed, no gradient reaches a layer below the lowest trained one."""
+    model = tiny_peft_llama()
+    model.enable_input_require_grads()  # what Axolotl 0.19 does for every adapter run
+    trainer = make_trainer(model, tmp_path, max_steps=4)
+    cb = attach_layer_selection(trainer, SelectionConfig(strategy="ir", cut_backward=cut))
+    seen, lowest_seen = [], []
+
+    class PerStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            lowest_seen.append(min(seen))
+            seen.clear()
+
+    for i, layer in enumerate(build_layer_map(model).layers):
+        layer.register_full_backward_hook(lambda m, gi, go, i=i: seen.append(i))
+    trainer.add_callback(PerStep())
+    trainer.train()
+    assert cb.engine.backward_cut is cut
+    if cut:
+        assert lowest_seen == [r["lowest_active"] for r in cb.rows]
+        assert max(lowest_seen) > 0  # some step really stopped above layer 0
+    else:
+        assert lowest_seen == [0] * 4
+
+
+def test_manual_callback_without_trainer_scores_clipped_gradients(tmp_path):
+    model = tiny_peft_llama()
+    trainer = make_trainer(model, tmp_path, max_steps=2)
+    cb = LayerSelectionCallback(SelectionConfig(), model)
+    trainer.add_callback(cb)
+    trainer.train()
+    assert len(cb.rows) == 2 and cb.rows[0]["fresh"] == cb.rows[0]["active"]
