@@ -11,6 +11,8 @@ export HF_HUB_OFFLINE := 1
 export WANDB_MODE := disabled
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
+# Axolotl's default launcher finds `accelerate` on PATH.
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: venv demo test test-fast bench lint clean
 

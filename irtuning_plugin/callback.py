@@ -122,6 +122,7 @@ class LayerSelectionCallback(TrainerCallback):
             self._jsonl = None
         if self._is_main and self._output_dir is not None:
             self._write_run_summary(state)
+            self.engine.strategy.on_train_end(self._output_dir)
         if self._is_main and self._output_dir is not None and self.config.heatmap and self.rows:
             from irtuning_plugin.selection_plot import plot_selection
 
@@ -140,6 +141,7 @@ class LayerSelectionCallback(TrainerCallback):
             "num_layers": self.engine.num_layers,
             "layers_path": self.engine.layer_map.layers_path,
             "backward_cut": self.engine.backward_cut,
+            "memory_account_at_end": self.engine.memory_account(),
             "steps": len(self.rows),
             "layers_per_step": counts,
             "losses": [(h["step"], h["loss"]) for h in state.log_history if "loss" in h],

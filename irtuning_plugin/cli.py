@@ -100,7 +100,8 @@ def _cmd_summary(args) -> int:
 
 
 def _axolotl_command() -> list[str]:
-    return [sys.executable, "-m", "axolotl.cli.main"]
+    # -P: never put the working directory on sys.path (a repo checkout's kernels/ would shadow HF `kernels`)
+    return [sys.executable, "-P", "-m", "axolotl.cli.main"]
 
 
 def _cmd_demo(args) -> int:
@@ -119,7 +120,8 @@ def _cmd_demo(args) -> int:
     cmd = _axolotl_command() + ["train", str(recipe), "--launcher", args.launcher]
     if args.max_steps:
         cmd += [f"--max_steps={args.max_steps}"]
-    env = {**os.environ, **AXOLOTL_ENV}
+    env = {**os.environ, **AXOLOTL_ENV, "PYTHONSAFEPATH": "1",
+           "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
     print("running: " + " ".join(cmd), flush=True)
     proc = subprocess.run(cmd, env=env)
     if proc.returncode != 0:

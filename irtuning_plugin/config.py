@@ -18,6 +18,7 @@ from irtuning_plugin.strategies.base import StrategyConfigError, make_options, o
 PREFIX = "irtuning_"
 SCORE_GRADIENTS = ("unclipped", "clipped")
 KERNEL_BACKENDS = ("auto", "torch", "triton", "reference")
+FROZEN_OPTIMIZER_STATES = ("keep", "cpu", "drop")
 
 
 def _opt(default: Any, help: str, **kw) -> Any:  # noqa: A002
@@ -42,12 +43,17 @@ class SelectionConfig:
     heatmap: bool = _opt(True, "write irtuning_selection.png (active layers x steps, with scores) at train end")
     cut_backward: bool = _opt(True, "remove the embedding-output requires-grad hook (enable_input_require_grads) "
                               "so backprop stops at the lowest trained layer; kept with reentrant checkpointing")
+    frozen_optimizer_state: str = _opt("keep", "optimizer state (Adam moments) of a frozen layer: 'keep' where it is "
+                                       "(as the references), 'cpu' = moved to CPU memory while the layer is frozen "
+                                       "and back when it is selected again, 'drop' = deleted (AdamW starts it afresh "
+                                       "when the layer returns)", choices=FROZEN_OPTIMIZER_STATES)
     strategy_options: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> "SelectionConfig":
         cls = get_strategy_class(self.strategy)
         for name, allowed in (("scope", SCOPES), ("score_gradients", SCORE_GRADIENTS),
-                              ("kernel_backend", KERNEL_BACKENDS)):
+                              ("kernel_backend", KERNEL_BACKENDS),
+                              ("frozen_optimizer_state", FROZEN_OPTIMIZER_STATES)):
             value = getattr(self, name)
             if value not in allowed:
                 raise StrategyConfigError(f"{PREFIX}{name}={value!r}; allowed: {', '.join(allowed)}")

@@ -8,7 +8,9 @@ transformers Trainer) calls, per optimizer step:
     row = engine.end_step(step)      # after the step: record, select the next layers, apply
 
 Frozen layers get ``requires_grad=False`` and ``grad=None``, so AdamW neither steps nor decays them
-and keeps their moments for when they return.
+and keeps their moments for when they return (``frozen_optimizer_state: keep``); ``cpu`` moves those
+moments to CPU memory while the layer is frozen, ``drop`` deletes them. ``memory_account()`` gives the
+exact bytes held in trainable parameters, gradients and optimizer state, on the accelerator and elsewhere.
 """
 
 from __future__ import annotations
@@ -26,6 +28,13 @@ from irtuning_plugin.layer_map import LayerMap, build_layer_map, set_layers_trai
 from irtuning_plugin.strategies import SENTINEL_SCORE, SelectionContext, get_strategy_class
 
 LOG = logging.getLogger(__name__)
+
+
+def _move_state(param_state: dict, device: torch.device) -> None:
+    """Move a parameter's optimizer state tensors (all but ``step``) to ``device``."""
+    for key, value in param_state.items():
+        if key != "step" and torch.is_tensor(value) and value.device != device:
+            param_state[key] = value.to(device)
 
 
 class SelectionError(RuntimeError):
@@ -65,6 +74,7 @@ class LayerSelectionEngine:
         self.backward_cut = False
         self.started = False
         self.last_row: dict | None = None
+        self.optimizer: Any = None  # the torch optimizer (unwrapped from accelerate's), set by begin()
 
     # ---- set-up -------------------------------------------------------------------------------
     def check_optimizer(self, optimizer: Any) -> None:
@@ -117,6 +127,7 @@ class LayerSelectionEngine:
     def begin(self, optimizer: Any = None, train_dataloader: Any = None, *, check_optimizer: bool = True) -> list[int]:
         if check_optimizer:
             self.check_optimizer(optimizer)
+        self.optimizer = getattr(optimizer, "optimizer", optimizer)
         if self.config.cut_backward:
             self._cut_backward()
         self.strategy.setup(self)
@@ -159,6 +170,7 @@ class LayerSelectionEngine:
             "score_ms": round(self.last_score_seconds * 1e3, 3),
         }
         self._select(step=step, train_dataloader=train_dataloader)
+        row.update(self.strategy.log_fields())
         row["select_ms"] = round(self.last_select_seconds * 1e3, 3)
         row["next_active"] = list(self.active)
         self.scored_this_step = False
@@ -177,8 +189,50 @@ class LayerSelectionEngine:
             raise SelectionError(f"strategy {self.strategy.name!r} chose invalid layers {chosen}")
         chosen = self._same_on_every_rank(chosen)
         set_layers_trainable(self.layer_map, chosen)
+        self._place_optimizer_state(frozen=set(self.active) - set(chosen), selected=set(chosen) - set(self.active))
         self.active = chosen
         self.last_select_seconds = time.perf_counter() - t0
+
+    def _place_optimizer_state(self, frozen: set[int], selected: set[int]) -> None:
+        """Apply ``frozen_optimizer_state`` to the layers frozen / selected again by this selection."""
+        mode = self.config.frozen_optimizer_state
+        if mode == "keep" or self.optimizer is None:
+            return
+        state = self.optimizer.state
+        for layer in sorted(frozen):
+            for p in self.layer_map.params[layer]:
+                if p not in state:
+                    continue
+                if mode == "drop":
+                    del state[p]
+                else:
+                    _move_state(state[p], torch.device("cpu"))
+        if mode == "cpu":
+            for layer in sorted(selected):
+                for p in self.layer_map.params[layer]:
+                    if p in state:
+                        _move_state(state[p], p.device)
+
+    def memory_account(self) -> dict[str, int]:
+        """Exact bytes now held in trainable parameters, their gradients and the optimizer state, split
+        into ``*_accelerator`` (any non-CPU device) and ``*_host`` (CPU)."""
+        out = {f"{what}_{where}": 0 for what in ("trainable_param_bytes", "grad_bytes", "optimizer_state_bytes")
+               for where in ("accelerator", "host")}
+
+        def add(what: str, t: torch.Tensor) -> None:
+            out[f"{what}_{'host' if t.device.type == 'cpu' else 'accelerator'}"] += t.numel() * t.element_size()
+
+        for p in self.model.parameters():
+            if p.requires_grad:
+                add("trainable_param_bytes", p)
+            if p.grad is not None:
+                add("grad_bytes", p.grad)
+        if self.optimizer is not None:
+            for st in self.optimizer.state.values():
+                for v in st.values():
+                    if torch.is_tensor(v):
+                        add("optimizer_state_bytes", v)
+        return out
 
     def _same_on_every_rank(self, chosen: list[int]) -> list[int]:
         world, _ = _dist_world()

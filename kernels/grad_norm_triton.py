@@ -10,7 +10,6 @@ from typing import Sequence
 import torch
 import triton
 import triton.language as tl
-
 from irtuning_kernels.reference import LayerGradNorms, check_inputs, layer_grad_norms_torch
 
 CHUNK = 65536  # elements per program; a multiple of BLOCK
@@ -145,7 +144,7 @@ class _Plan:
     def __init__(self, numels, dcodes, layer_ids, num_layers, device, chunk):
         T, L = len(numels), num_layers
         rows, tensor_chunks = [], []
-        for t, (n, code) in enumerate(zip(numels, dcodes)):
+        for t, (n, code) in enumerate(zip(numels, dcodes, strict=True)):
             nchunks = max(1, -(-n // chunk))
             tensor_chunks.append((len(rows), nchunks))
             rows.extend((t, code, c, min(chunk, n - c * chunk)) for c in range(nchunks))

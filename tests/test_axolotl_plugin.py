@@ -11,8 +11,11 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = REPO / "yaml_recipes"
+VENV_BIN = str(Path(sys.executable).parent)
+# `accelerate launch` is found on PATH by Axolotl's launcher: put this environment's bin first.
 AXOLOTL_ENV = {**os.environ, "AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
-               "PYTHONSAFEPATH": "1", "TOKENIZERS_PARALLELISM": "false"}
+               "PYTHONSAFEPATH": "1", "TOKENIZERS_PARALLELISM": "false",
+               "PATH": VENV_BIN + os.pathsep + os.environ.get("PATH", "")}
 
 
 def base_cfg(tiny_model_dir, **over):
@@ -75,7 +78,7 @@ def test_paper_recipe_validates():
 def run_axolotl(tmp_path, cfg, launcher="python", extra=()):
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    cmd = [str(Path(sys.executable).parent / "axolotl"), "train", str(path), "--launcher", launcher, *extra]
+    cmd = [str(Path(VENV_BIN) / "axolotl"), "train", str(path), "--launcher", launcher, *extra]
     proc = subprocess.run(cmd, cwd=tmp_path, env=AXOLOTL_ENV, capture_output=True, text=True, timeout=900)
     log = proc.stdout + proc.stderr
     (tmp_path / "axolotl.log").write_text(log)

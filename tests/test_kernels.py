@@ -13,7 +13,6 @@ import textwrap
 
 import pytest
 import torch
-
 from irtuning_kernels import LayerGradNorms, layer_grad_norms
 
 triton = pytest.importorskip("triton")

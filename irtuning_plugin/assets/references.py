@@ -26,10 +26,14 @@ SPLITS = ("train", "val", "test")
 
 def revision_data_dir(cache: Path | None = None, seed: int = DEFAULT_DATA_SEED) -> Path:
     """The built-in revision-intention data set (built once per seed)."""
-    from irtuning_plugin.assets.revision_data import build_revision_dataset
+    import json
+
+    from irtuning_plugin.assets.revision_data import FORMAT_VERSION, build_revision_dataset
 
     dest = (cache or cache_root()) / "data" / f"{DATA_NAME}-seed{seed}"
-    if not (dest / "manifest.json").exists():
+    manifest = dest / "manifest.json"
+    current = manifest.exists() and json.loads(manifest.read_text()).get("format_version") == FORMAT_VERSION
+    if not current:
         LOG.info("irtuning: building the revision-intention data set in %s", dest)
         build_revision_dataset(dest, seed=seed)
     return dest

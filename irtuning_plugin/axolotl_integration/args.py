@@ -13,7 +13,9 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from irtuning_plugin.config import all_flat_keys, config_from_flat
+from irtuning_plugin.config import PREFIX, all_flat_keys, config_from_flat
+from irtuning_plugin.layer_map import SCOPES
+from irtuning_plugin.strategies import get_strategy_class
 
 LOG = logging.getLogger(__name__)
 
@@ -33,24 +35,33 @@ def plugin_active(data: dict) -> bool:
     return plugin_listed(data) or data.get("irtuning_strategy") is not None
 
 
-def _check_layers_path(data: dict, layers_path: str) -> None:
-    """Resolve irtuning_layers_path on a meta-device copy of the model (no weights are read)."""
+def _meta_model(data: dict):
+    """A meta-device copy of the base model (no weights are read), or None when its config is unreachable."""
     base = data.get("base_model_config") or data.get("base_model")
     if not base:
-        return
+        return None
     try:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
         hf_config = AutoConfig.from_pretrained(base, trust_remote_code=bool(data.get("trust_remote_code")))
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(hf_config)
+            return AutoModelForCausalLM.from_config(hf_config)
     except Exception as err:  # noqa: BLE001 - unreachable config: checked again once the model is loaded
-        LOG.info("irtuning: layers path checked after model load (%s)", err)
+        LOG.info("irtuning: layers and strategy options checked after model load (%s)", err)
+        return None
+
+
+def _check_on_meta_model(data: dict, config) -> None:
+    """Resolve the decoder layers (and irtuning_layers_path) on a meta-device copy of the model and check
+    the strategy's options against the real layer count (e.g. irtuning_lisa_n_layers <= L)."""
+    model = _meta_model(data)
+    if model is None:
         return
     from irtuning_plugin.layer_map import find_decoder_layers
 
-    find_decoder_layers(model, layers_path)
+    _, layers = find_decoder_layers(model, config.layers_path)
+    config.build_options().check(f"{PREFIX}{config.strategy}_", len(layers))
 
 
 def validate_axolotl_config(data: dict) -> dict:
@@ -65,6 +76,10 @@ def validate_axolotl_config(data: dict) -> dict:
         if data.get(key) is not None:
             raise ValueError(f"{key} (Axolotl's built-in LISA) cannot be combined with the irtuning plugin: "
                              f"remove {key}, or use irtuning_strategy: lisa")
+    scopes = getattr(get_strategy_class(config.strategy), "scopes", SCOPES)
+    if config.scope not in scopes:
+        raise ValueError(f"irtuning_strategy={config.strategy!r} works only with irtuning_scope: "
+                         f"{' or '.join(scopes)}, not irtuning_scope={config.scope!r}")
     if config.scope == "adapter" and not data.get("adapter"):
         raise ValueError("irtuning_scope='adapter' (the default) selects adapter layers but no `adapter` is set: "
                          "set adapter: lora (or qlora), or irtuning_scope: full for full fine-tuning")
@@ -82,8 +97,7 @@ def validate_axolotl_config(data: dict) -> dict:
     if data.get("fsdp") or data.get("fsdp_config"):
         raise ValueError("irtuning does not support FSDP yet (sharded gradients give per-rank partial scores): "
                          "remove fsdp/fsdp_config (DDP is supported)")
-    if config.layers_path:
-        _check_layers_path(data, config.layers_path)
+    _check_on_meta_model(data, config)
     return data
 
 

@@ -1,6 +1,13 @@
-"""Layer-selection strategies, registered by name (one module each)."""
+"""Layer-selection strategies, registered by name: one module each in this package.
 
-from irtuning_plugin.strategies import all_layers, ir  # noqa: F401  (registration on import)
+Every module here is imported on first use of the package, so a new strategy is one new file with a
+``@register_strategy`` class; nothing else needs editing (the Axolotl keys and the README table are
+generated from the registry).
+"""
+
+import importlib
+import pkgutil
+
 from irtuning_plugin.strategies.base import (
     SENTINEL_SCORE,
     SelectionContext,
@@ -10,6 +17,10 @@ from irtuning_plugin.strategies.base import (
     register_strategy,
     registered_strategies,
 )
+
+for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    if _info.name != "base" and not _info.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_info.name}")
 
 __all__ = [
     "SENTINEL_SCORE",

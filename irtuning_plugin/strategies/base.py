@@ -77,6 +77,14 @@ class SelectionStrategy:
     def select(self, ctx: SelectionContext) -> Sequence[int]:
         raise NotImplementedError
 
+    def log_fields(self) -> dict[str, Any]:
+        """Extra JSON-serialisable fields for this step's row of the selection log (e.g. a calibration
+        result); merged into the row of the step that just ended."""
+        return {}
+
+    def on_train_end(self, output_dir: Any) -> None:
+        """Write strategy-specific artefacts (plots) into ``output_dir`` (main process only)."""
+
 
 def register_strategy(cls: type[SelectionStrategy]) -> type[SelectionStrategy]:
     if not cls.name:

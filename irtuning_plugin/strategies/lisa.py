@@ -1,0 +1,82 @@
+"""``lisa``: Layerwise Importance Sampled AdamW (Pan et al., NeurIPS 2024).
+
+Every ``interval`` optimizer steps, ``n_layers`` decoder layers drawn uniformly at random (from the
+engine's seeded generator, the same on every rank) train and all others freeze. Parameters outside the
+decoder layers (embeddings, final norm, LM head) keep training, as in the paper, unless
+``train_outside`` is off. Works over adapters (``irtuning_scope: adapter``) and full fine-tuning
+(``irtuning_scope: full``, the paper's setting). Defaults follow LMFlow (K=20, n=2); see
+../shared/ALGORITHMS.md §3. Unlike LMFlow/Axolotl, the optimizer is built once over every layer and the
+draws never touch the global numpy RNG; ``irtuning_frozen_optimizer_state`` decides what happens to the
+moments of re-frozen layers.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from irtuning_plugin.strategies.base import (
+    SelectionContext,
+    SelectionStrategy,
+    StrategyConfigError,
+    option,
+    register_strategy,
+    sample_without_replacement,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from irtuning_plugin.engine import LayerSelectionEngine
+
+LOG = logging.getLogger(__name__)
+
+
+def check_layer_count(prefix: str, key: str, value, num_layers: int | None) -> int:
+    """``value`` must be an int in 1..num_layers; the message names ``prefix + key`` and the layer count."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise StrategyConfigError(f"{prefix}{key}={value!r}; must be a whole number of layers")
+    if value < 1:
+        raise StrategyConfigError(f"{prefix}{key}={value}; must be >= 1")
+    if num_layers is not None and value > num_layers:
+        raise StrategyConfigError(f"{prefix}{key}={value} exceeds the model's {num_layers} layers")
+    return value
+
+
+@dataclass
+class LISAOptions:
+    n_layers: int = option(2, "decoder layers trained at a time, drawn uniformly at random (LMFlow: 2)")
+    interval: int = option(20, "draw new layers every this many optimizer steps (LMFlow: 20)")
+    train_outside: bool = option(True, "parameters outside the decoder layers (embeddings, final norm, LM head) "
+                                 "keep training, as in the paper; false freezes them at train start")
+
+    def check(self, prefix: str, num_layers: int | None = None) -> None:
+        check_layer_count(prefix, "n_layers", self.n_layers, num_layers)
+        if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
+            raise StrategyConfigError(f"{prefix}interval={self.interval!r}; must be a whole number >= 1")
+        if not isinstance(self.train_outside, bool):
+            raise StrategyConfigError(f"{prefix}train_outside={self.train_outside!r}; must be true or false")
+
+
+@register_strategy
+class LISAStrategy(SelectionStrategy):
+    name = "lisa"
+    Options = LISAOptions
+    summary = "LISA: n uniformly random layers, re-drawn every K steps; embeddings and head keep training"
+
+    def setup(self, engine: "LayerSelectionEngine") -> None:
+        if self.options.train_outside:
+            return
+        outside = set(engine.layer_map.outside_trainable)
+        frozen = []
+        for name, p in engine.model.named_parameters():
+            if name in outside and p.requires_grad:
+                p.requires_grad_(False)
+                p.grad = None
+                frozen.append(name)
+        LOG.info("irtuning lisa: froze %d parameter tensors outside the decoder layers (train_outside=false)",
+                 len(frozen))
+
+    def select(self, ctx: SelectionContext) -> list[int]:
+        if ctx.step % int(self.options.interval) != 0:
+            return list(ctx.active)
+        return sample_without_replacement(ctx.num_layers, int(self.options.n_layers), ctx.generator)
