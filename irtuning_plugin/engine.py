@@ -83,8 +83,8 @@ class LayerSelectionEngine:
             raise SelectionError("irtuning: the Trainer has no optimizer at train start; cannot check it")
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
         held = {id(p) for group in inner.param_groups for p in group["params"]}
-        missing = [(i, n) for i, (ps, ns) in enumerate(zip(self.layer_map.params, self.layer_map.names))
-                   for p, n in zip(ps, ns) if id(p) not in held]
+        missing = [(i, n) for i, (ps, ns) in enumerate(zip(self.layer_map.params, self.layer_map.names, strict=True))
+                   for p, n in zip(ps, ns, strict=True) if id(p) not in held]
         if missing:
             layer, name = missing[0]
             raise SelectionError(
@@ -140,7 +140,7 @@ class LayerSelectionEngine:
         """Score every layer that has gradients now; others keep their last (stale) score."""
         t0 = time.perf_counter()
         grads, ids = [], []
-        for p, lid in zip(self._params, self._param_layer):
+        for p, lid in zip(self._params, self._param_layer, strict=True):
             if p.grad is not None:
                 grads.append(p.grad)
                 ids.append(lid)

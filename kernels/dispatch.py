@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+
 from irtuning_kernels.reference import (
     LayerGradNorms,
     check_inputs,

@@ -10,6 +10,7 @@ from typing import Sequence
 import torch
 import triton
 import triton.language as tl
+
 from irtuning_kernels.reference import LayerGradNorms, check_inputs, layer_grad_norms_torch
 
 CHUNK = 65536  # elements per program; a multiple of BLOCK
@@ -199,7 +200,7 @@ def _get_plan(tensors, layer_ids, num_layers, chunk):
     check_inputs(tensors, layer_ids, num_layers)
     plan = None  # cached too: this structure goes to the torch path
     if all(t.device == device for t in tensors) and all(d in DTYPE_CODES for d in dtypes):
-        plan = _Plan(numels, [DTYPE_CODES[d] for d in dtypes], key[5], num_layers, device, chunk)
+        plan = _Plan(numels, [DTYPE_CODES[d] for d in dtypes], [int(x) for x in layer_ids], num_layers, device, chunk)
     _STATS["builds"] += 1
     _PLANS[key] = plan
     if len(_PLANS) > _MAX_PLANS:

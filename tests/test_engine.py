@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from helpers_tiny import make_trainer, tiny_peft_llama
 from transformers import TrainerCallback
 
 from irtuning_plugin.callback import LayerSelectionCallback, attach_layer_selection, read_selection_log
@@ -12,6 +11,8 @@ from irtuning_plugin.config import SelectionConfig
 from irtuning_plugin.engine import SelectionError
 from irtuning_plugin.layer_map import LayerMapError, build_layer_map
 from irtuning_plugin.strategies.ir import reference_layer_scores
+
+from helpers_tiny import make_trainer, tiny_peft_llama
 
 
 class Recorder(TrainerCallback):

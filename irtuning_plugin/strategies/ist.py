@@ -60,7 +60,7 @@ def ist_score_update(scores: torch.Tensor, candidate_sets: Sequence[Sequence[int
     advantage = rewards - rewards.mean()
     p = torch.sigmoid(s)
     step = torch.zeros_like(s)
-    for a, layers in zip(advantage, candidate_sets):
+    for a, layers in zip(advantage, candidate_sets, strict=True):
         step[torch.as_tensor(sorted({int(i) for i in layers}), dtype=torch.long)] += a
     return s + step * p * (1 - p) * float(lr)
 

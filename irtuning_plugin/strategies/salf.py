@@ -10,6 +10,7 @@ is in the README's "SALF" section (../shared/ALGORITHMS.md §5).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import numbers
@@ -107,6 +108,23 @@ class SALFOptions:
                                           f"{prefix}min_trainable={self.min_trainable}..{prefix}max_trainable={hi}")
 
 
+@contextlib.contextmanager
+def _rng_untouched(loader: Any):
+    """Reading batches draws from the global RNG (the sampler's and the workers' seeds) and from any
+    generator the loader or its sampler owns: restore them all, so training sees the same batches, in the
+    same order, as without calibration."""
+    owners = [loader, getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)]
+    generators = {id(g): g for g in (getattr(o, "generator", None) for o in owners) if isinstance(g, torch.Generator)}
+    states = [(g, g.get_state()) for g in generators.values()]
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            for g, state in states:
+                g.set_state(state)
+
+
 def _calibration_loader(dataloader: Any) -> Any:
     """The plain torch DataLoader under accelerate's wrapper: breaking out of the wrapper's iterator early
     would leave it registered as the active dataloader in accelerate's GradientState."""
@@ -169,12 +187,9 @@ class SALFStrategy(SelectionStrategy):
         if ctx.engine is None or ctx.train_dataloader is None:
             raise CalibrationError(f"salf calibrates on the training dataloader, which this run does not pass to "
                                    f"the engine; give the cut by hand with {key}")
-        n = int(self.options.calibration_batches)
-        batches = itertools.islice(iter(_calibration_loader(ctx.train_dataloader)), n)
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        # Reading batches draws from the global RNG (the sampler's seed): fork it so training sees the
-        # same batches, in the same order, as without calibration.
-        with torch.random.fork_rng(devices=devices):
+        loader = _calibration_loader(ctx.train_dataloader)
+        with _rng_untouched(loader):
+            batches = itertools.islice(iter(loader), int(self.options.calibration_batches))
             self.calibrate(ctx.engine.model, ctx.engine.layer_map.layers, batches)
 
     def log_fields(self) -> dict[str, Any]:
