@@ -93,16 +93,26 @@ class LayerSelectionEngine:
                 f"freezes any (was it created after freezing, or with a custom parameter filter?)"
             )
 
-    def _cut_backward(self) -> None:
-        """Remove ``enable_input_require_grads``' hook so backprop stops at the lowest trained layer."""
-        def hooks_of(m):
-            own = vars(m)  # not getattr: PEFT wrappers forward attribute lookups to the base model
-            hooks = list(own.get("_require_grads_hooks") or [])
-            single = own.get("_require_grads_hook")
-            return hooks + ([single] if single is not None and single not in hooks else [])
+    # Forward hooks that make the embedding output require grad: transformers' and peft's names.
+    _INPUT_GRAD_HOOKS = ("make_inputs_require_grads", "make_inputs_require_grad")
 
-        owners = [m for m in self.model.modules() if hooks_of(m)]
-        if not owners:
+    def _input_grad_hooks(self) -> list[tuple[nn.Module, int]]:
+        found = []
+        for m in self.model.modules():
+            for hid, fn in m._forward_hooks.items():
+                if getattr(fn, "__name__", "") in self._INPUT_GRAD_HOOKS:
+                    found.append((m, hid))
+        return found
+
+    def _cut_backward(self) -> None:
+        """Remove every ``enable_input_require_grads`` hook so backprop stops at the lowest trained layer.
+
+        Matched by function rather than through ``_require_grads_hooks``: each call of
+        enable_input_require_grads (Axolotl's, then the Trainer's for gradient checkpointing) overwrites
+        that list, so the bookkeeping only knows the last hook.
+        """
+        hooks = self._input_grad_hooks()
+        if not hooks:
             return
         reentrant = False
         for m in self.layer_map.layers:
@@ -115,11 +125,15 @@ class LayerSelectionEngine:
                         "backward pass runs down to layer 0; use gradient_checkpointing_kwargs: "
                         "{use_reentrant: false} to let it stop at the lowest trained layer")
             return
-        for m in owners:
-            for hook in hooks_of(m):
-                hook.remove()
-            m._require_grads_hooks = []
-            vars(m).pop("_require_grads_hook", None)
+        for m, hid in hooks:
+            m._forward_hooks.pop(hid, None)
+            getattr(m, "_forward_hooks_with_kwargs", {}).pop(hid, None)
+            getattr(m, "_forward_hooks_always_called", {}).pop(hid, None)
+        for m in self.model.modules():
+            own = vars(m)  # not getattr: PEFT wrappers forward attribute lookups to the base model
+            if "_require_grads_hooks" in own:
+                m._require_grads_hooks = []
+            own.pop("_require_grads_hook", None)
         self.backward_cut = True
         LOG.info("irtuning: removed the embedding-output requires-grad hook; backprop stops at the lowest "
                  "trained layer")

@@ -65,37 +65,73 @@ def classification_metrics(gold: Sequence[str], pred: Sequence[str], labels: Seq
 
 
 @torch.no_grad()
+def label_logprobs_naive(model, tokenizer, prompts: Sequence[str], labels: Sequence[str] = LABELS) -> torch.Tensor:
+    """Reference: one full forward per (prompt, label) pair. Slow; for tests."""
+    label_ids = [tokenizer(label_completion(lab), add_special_tokens=False)["input_ids"] for lab in labels]
+    device = next(model.parameters()).device
+    out = torch.empty(len(prompts), len(labels), dtype=torch.float64)
+    for i, prompt in enumerate(prompts):
+        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        for j, l_ids in enumerate(label_ids):
+            ids = torch.tensor([p_ids + l_ids], device=device)
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+            out[i, j] = sum(logp[len(p_ids) - 1 + t, tok].item() for t, tok in enumerate(l_ids))
+    return out
+
+
+@torch.no_grad()
 def label_logprobs(model, tokenizer, prompts: Sequence[str], labels: Sequence[str] = LABELS,
-                   batch_size: int = 8) -> torch.Tensor:
-    """``[len(prompts), len(labels)]`` summed log-probabilities of each label's tokens after its prompt."""
+                   batch_size: int = 16) -> torch.Tensor:
+    """``[len(prompts), len(labels)]`` summed log-probabilities of each label's tokens after its prompt.
+
+    Each prompt runs once (left-padded, explicit position ids, logits only at its last position); the
+    labels then continue from the prompt's KV cache, repeated once per label. On SmolLM2 this is about
+    5x cheaper than scoring every (prompt, label) sequence in full, and never builds [tokens x vocab]
+    logits for the prompt.
+    """
     device = next(model.parameters()).device
     label_ids = [tokenizer(label_completion(lab), add_special_tokens=False)["input_ids"] for lab in labels]
+    n_lab, l_max = len(label_ids), max(len(x) for x in label_ids)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    out = torch.empty(len(prompts), len(labels), dtype=torch.float64)
+    lab = torch.full((n_lab, l_max), pad, dtype=torch.long)
+    lab_mask = torch.zeros((n_lab, l_max), dtype=torch.long)
+    for j, ids in enumerate(label_ids):
+        lab[j, :len(ids)] = torch.tensor(ids)
+        lab_mask[j, :len(ids)] = 1
+    first = torch.tensor([ids[0] for ids in label_ids])
+    out = torch.empty(len(prompts), n_lab, dtype=torch.float64)
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths batch together
     was_training = model.training
     model.eval()
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        seqs, spans = [], []
-        for prompt in chunk:
-            p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            for l_ids in label_ids:
-                seqs.append(p_ids + l_ids)
-                spans.append((len(p_ids), len(l_ids)))
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for r, s in enumerate(seqs):
-            ids[r, :len(s)] = torch.tensor(s)
-            mask[r, :len(s)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logp = torch.log_softmax(logits, dim=-1)
-        scores = []
-        for r, (p_len, l_len) in enumerate(spans):
-            targets = ids[r, p_len:p_len + l_len].to(device)
-            steps = logp[r, p_len - 1:p_len - 1 + l_len]
-            scores.append(steps.gather(1, targets[:, None]).sum().item())
-        out[start:start + len(chunk)] = torch.tensor(scores, dtype=torch.float64).view(len(chunk), len(labels))
+        rows = order[start:start + batch_size]
+        chunk = [encoded[i] for i in rows]
+        b, width = len(chunk), max(len(c) for c in chunk)
+        ids = torch.full((b, width), pad, dtype=torch.long)
+        mask = torch.zeros((b, width), dtype=torch.long)
+        for r, c in enumerate(chunk):
+            ids[r, width - len(c):] = torch.tensor(c)
+            mask[r, width - len(c):] = 1
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        res = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                    use_cache=True, logits_to_keep=1)
+        first_logp = torch.log_softmax(res.logits[:, -1].double(), dim=-1).cpu()  # [b, V]
+        scores = first_logp[:, first]  # [b, n_lab]
+        if l_max > 1:
+            cache = res.past_key_values
+            cache.batch_repeat_interleave(n_lab)
+            cont = lab[:, :-1].repeat(b, 1)  # label tokens 0..l-2 predict tokens 1..l-1
+            cont_mask = lab_mask[:, 1:].repeat(b, 1)
+            full_mask = torch.cat([mask.repeat_interleave(n_lab, 0), torch.ones_like(cont)], dim=1)
+            cpos = pos[:, -1:].repeat_interleave(n_lab, 0) + 1 + torch.arange(l_max - 1)
+            res2 = model(input_ids=cont.to(device), attention_mask=full_mask.to(device),
+                         position_ids=cpos.to(device), past_key_values=cache, use_cache=True)
+            logp = torch.log_softmax(res2.logits.double(), dim=-1).cpu()  # [b*n_lab, l_max-1, V]
+            targets = lab[:, 1:].repeat(b, 1)
+            tok = logp.gather(2, targets[..., None])[..., 0] * cont_mask
+            scores = scores + tok.sum(1).view(b, n_lab)
+        out[rows] = scores
     if was_training:
         model.train()
     return out

@@ -341,23 +341,27 @@ def plot_calibration(deviation: Sequence[float], gains: Sequence[float], cut: in
     import matplotlib.pyplot as plt
 
     L = len(gains)
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(6.0, 2.0 + 0.25 * L), 6.0), sharex=True)
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(6.0, 2.0 + 0.25 * L), 6.5))
     ax1.plot(range(L + 1), deviation, marker="o", label="deviation (calibration)")
     if fit is not None:
         ks = np.linspace(0, L, 200)
-        ax1.plot(ks, fit(ks), linestyle="--",
-                 label=f"fit {fit.a:.3g}·(k+1)^-{fit.b:.3g} + {fit.c:.3g}")
+        sign = "+" if fit.c >= 0 else "−"
+        ax1.plot(ks, fit(ks), linestyle="--", label=f"fit {fit.a:.3g}·(k+1)^({-fit.b:.3g}) {sign} {abs(fit.c):.3g}")
     ax1.set_ylabel("deviation (mean CE)")
+    ax1.set_xlabel("latent space k (0 = embeddings, k = output of layer k-1)")
     ax1.set_title(title or "SALF calibration")
     colours = ["tab:red" if layer == cut else ("tab:gray" if layer < cut else "tab:blue") for layer in range(L)]
     ax2.bar(range(L), gains, color=colours)
     ax2.axhline(0.0, color="black", linewidth=0.5)
     ax2.set_ylabel("gain")
-    ax2.set_xlabel("latent space k (top; 0 = embeddings) / layer l (bottom; maps k=l to k=l+1)")
+    ax2.set_xlabel("layer l (maps latent space l to l+1)")
+    if cut >= 0:
+        # the frozen layers 0..cut read latent spaces 0..cut and write 1..cut+1
+        ax1.axvspan(0, cut + 1, color="tab:gray", alpha=0.15, label=f"frozen: layers 0..{cut}")
+        ax1.axvline(cut + 1, color="tab:red", linestyle=":", label=f"cut: layer {cut + 1} is the first trained")
+        ax2.axvspan(-0.5, cut + 0.5, color="tab:gray", alpha=0.15, label=f"frozen: layers 0..{cut}")
+        ax2.axvline(cut + 0.5, color="tab:red", linestyle=":", label=f"cut at layer {cut} (maximum gain)")
     for ax in (ax1, ax2):
-        if cut >= 0:
-            ax.axvspan(-0.5, cut + 0.5, color="tab:gray", alpha=0.15, label="frozen")
-            ax.axvline(cut + 0.5, color="tab:red", linestyle=":", label=f"cut: layers 0..{cut} frozen")
         ax.legend(loc="best", fontsize=8)
     out = Path(path)
     fig.tight_layout()

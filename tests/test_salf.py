@@ -211,9 +211,8 @@ def test_engine_run_freezes_below_the_calibrated_cut(tmp_path):
 @pytest.mark.parametrize("grad_ckpt,cut_backward,axolotl_hook", [
     (False, True, True),
     (True, True, False),  # the Trainer's gradient_checkpointing_enable() registers the input-grad hook itself
-    pytest.param(True, True, True, marks=pytest.mark.xfail(strict=True, reason=(
-        "engine: enable_input_require_grads() called twice (Axolotl, then the Trainer for gradient "
-        "checkpointing) overwrites _require_grads_hooks, so _cut_backward removes only the second hook"))),
+    # enable_input_require_grads() twice (Axolotl, then the Trainer for checkpointing): both hooks must go
+    (True, True, True),
     (False, False, True),  # control: the hook stays, backprop runs to layer 0
 ])
 def test_no_backward_below_the_cut(tmp_path, grad_ckpt, cut_backward, axolotl_hook):
