@@ -38,7 +38,9 @@ test-fast: venv
 	$(BIN)/pytest -q tests -m "not slow"
 
 bench: venv
-	$(BIN)/pytest -q benchmarks --benchmark-json=benchmarks/results-cpu.json
+	mkdir -p benchmarks/results
+	$(BIN)/pytest -q benchmarks/bench_kernels.py benchmarks/bench_strategies.py \
+		--benchmark-json=benchmarks/results/bench-$(shell hostname)-$(shell date +%Y%m%d).json
 
 lint: venv
 	$(BIN)/ruff check irtuning_plugin kernels tests benchmarks

@@ -39,12 +39,19 @@ def _env():
             "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
 
 
-def run_one(strategy: str, seed: int, args, out_dir: Path) -> dict:
-    out = out_dir / f"{strategy}-seed{seed}.json"
+# Variants: name -> (strategy, engine options). "salf-hook-kept" keeps enable_input_require_grads' hook
+# (what Axolotl 0.19 leaves in place), so its backward pass runs down to layer 0 despite the frozen layers.
+VARIANTS = {"salf-hook-kept": ("salf", {"cut_backward": False}), "ir-hook-kept": ("ir", {"cut_backward": False})}
+
+
+def run_one(name: str, seed: int, args, out_dir: Path) -> dict:
+    strategy, engine_opts = VARIANTS.get(name, (name, {}))
+    out = out_dir / f"{name}-seed{seed}.json"
     opts = json.dumps(DEFAULT_OPTIONS.get(strategy, {}))
     cmd = [sys.executable, str(HERE / "strategy_bench.py"), "--strategy", strategy, "--seed", str(seed),
            "--steps", str(args.steps), "--model", args.model, "--micro-batch", str(args.micro_batch),
-           "--eval-n", str(args.eval_n), "--options", opts, "--out", str(out)]
+           "--eval-n", str(args.eval_n), "--options", opts, "--out", str(out),
+           "--engine-options", json.dumps(engine_opts), "--label", name]
     subprocess.run(cmd, check=True, env=_env())
     return json.loads(out.read_text())
 

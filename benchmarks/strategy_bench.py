@@ -86,7 +86,8 @@ def _percentile(xs, q):
 
 def run_strategy(strategy: str, *, seed: int, steps: int, model_dir: str, data_dir: str, micro_batch: int = 4,
                  lr: float = 5e-4, seq_len: int = 256, eval_n: int = 100, options: dict | None = None,
-                 n_train: int = 1024, warmup_skip: int = 2, output_dir: str | None = None) -> dict:
+                 n_train: int = 1024, warmup_skip: int = 2, output_dir: str | None = None,
+                 engine_options: dict | None = None, label: str | None = None) -> dict:
     import tempfile
 
     from peft import LoraConfig, get_peft_model
@@ -96,7 +97,8 @@ def run_strategy(strategy: str, *, seed: int, steps: int, model_dir: str, data_d
     from irtuning_plugin.config import SelectionConfig
     from irtuning_plugin.evaluation import evaluate_records
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     load = lambda split: [json.loads(x) for x in open(Path(data_dir) / f"{split}.jsonl") if x.strip()]  # noqa: E731
     train = tokenize_records(tokenizer, load("train")[:n_train], seq_len)
@@ -115,7 +117,8 @@ def run_strategy(strategy: str, *, seed: int, steps: int, model_dir: str, data_d
         dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=PadCollator(tokenizer.pad_token_id))
-    cb = attach_layer_selection(trainer, SelectionConfig(strategy=strategy, strategy_options=dict(options or {})))
+    cb = attach_layer_selection(trainer, SelectionConfig(strategy=strategy, strategy_options=dict(options or {}),
+                                                         **(engine_options or {})))
 
     times: list[float] = []
     mem: list[dict] = []
@@ -140,7 +143,8 @@ def run_strategy(strategy: str, *, seed: int, steps: int, model_dir: str, data_d
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     res = evaluate_records(model, tokenizer, test)
     return {
-        "strategy": strategy, "seed": seed, "steps": steps, "micro_batch": micro_batch, "options": options or {},
+        "strategy": label or strategy, "seed": seed, "engine_options": engine_options or {}, "steps": steps,
+        "micro_batch": micro_batch, "options": options or {},
         "num_layers": cb.engine.num_layers,
         "step_s_median": statistics.median(steady), "step_s_p20": _percentile(steady, 0.2),
         "step_s_p80": _percentile(steady, 0.8), "step_times": times, "train_seconds": train_seconds,
@@ -163,13 +167,16 @@ def main(argv=None) -> int:
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--eval-n", type=int, default=100)
     p.add_argument("--options", default="{}", help="strategy options as JSON")
+    p.add_argument("--engine-options", default="{}", help="engine options (SelectionConfig fields) as JSON")
+    p.add_argument("--label", default=None, help="name of this variant in the tables")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     from irtuning_plugin.assets.references import resolve_reference, revision_data_dir
 
     result = run_strategy(a.strategy, seed=a.seed, steps=a.steps, model_dir=resolve_reference(a.model),
                           data_dir=str(revision_data_dir()), micro_batch=a.micro_batch, eval_n=a.eval_n,
-                          options=json.loads(a.options))
+                          options=json.loads(a.options), engine_options=json.loads(a.engine_options),
+                          label=a.label)
     Path(a.out).write_text(json.dumps(result, indent=1))
     return 0
 
