@@ -30,6 +30,9 @@ START, END = "<!-- strategies:{tag}:start -->", "<!-- strategies:{tag}:end -->"
 DEFAULT_OPTIONS = {
     "lisa": {"n_layers": 2, "interval": 5},  # LMFlow's K=20 would re-draw once in a 30-step run
     "random": {"n_layers": 4},
+    # Unbounded, SALF's calibration on SmolLM2 picks cut 0 (the embedding->layer-0 drop dominates) and
+    # trains 29 of 30 layers, i.e. it degenerates to `all`; a third of the layers is the setting compared.
+    "salf": {"max_trainable": 10},
 }
 
 
@@ -47,7 +50,7 @@ VARIANTS = {"salf-hook-kept": ("salf", {"cut_backward": False}), "ir-hook-kept":
 def run_one(name: str, seed: int, args, out_dir: Path) -> dict:
     strategy, engine_opts = VARIANTS.get(name, (name, {}))
     out = out_dir / f"{name}-seed{seed}.json"
-    opts = json.dumps(DEFAULT_OPTIONS.get(strategy, {}))
+    opts = json.dumps(DEFAULT_OPTIONS.get(strategy, {}))  # variants use their strategy's options
     cmd = [sys.executable, str(HERE / "strategy_bench.py"), "--strategy", strategy, "--seed", str(seed),
            "--steps", str(args.steps), "--model", args.model, "--micro-batch", str(args.micro_batch),
            "--eval-n", str(args.eval_n), "--options", opts, "--out", str(out),
@@ -95,8 +98,12 @@ def run_axolotl_lisa(seed: int, args, out_dir: Path) -> dict:
     cfg.write_text(AXOLOTL_LISA_YAML.format(model=resolve_reference(args.model), data=revision_data_dir(),
                                             work=work, mb=args.micro_batch, steps=args.steps, seed=seed))
     t0 = time.perf_counter()
-    proc = subprocess.run([str(Path(sys.executable).parent / "axolotl"), "train", str(cfg), "--launcher", "python"],
-                          env=_env(), capture_output=True, text=True, cwd=work)
+    # A fresh wrapper process whose only child is axolotl: its RUSAGE_CHILDREN peak is axolotl's own.
+    wrapper = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+               "print('IRTUNING_CHILD_MAXRSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
+               "sys.exit(r.returncode)")
+    proc = subprocess.run([sys.executable, "-c", wrapper, str(Path(sys.executable).parent / "axolotl"), "train",
+                           str(cfg), "--launcher", "python"], env=_env(), capture_output=True, text=True, cwd=work)
     wall = time.perf_counter() - t0
     (out_dir / f"axolotl-lisa-seed{seed}.log").write_text(proc.stdout[-20000:] + proc.stderr[-20000:])
     if proc.returncode != 0:
@@ -108,10 +115,16 @@ def run_axolotl_lisa(seed: int, args, out_dir: Path) -> dict:
             runtime = float(line.split("'train_runtime': '")[1].split("'")[0])
         if "{'loss': '" in line:
             losses.append(float(line.split("{'loss': '")[1].split("'")[0]))
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    rss = None
+    for line in proc.stdout.splitlines():
+        if line.startswith("IRTUNING_CHILD_MAXRSS_KB"):
+            rss = int(line.split()[1]) * 1024
+    if rss is None:  # older wrapper-less runs: max over every child of this invocation (an upper bound)
+        rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     return {"strategy": "axolotl-lisa", "seed": seed, "steps": args.steps, "wall_s": wall,
             "step_s_mean": runtime / args.steps if runtime else None, "peak_rss_bytes_children_max": rss,
             "losses": losses, "loss_last5": statistics.mean(losses[-5:]) if losses else None,
+            "rss_exact": any(line.startswith("IRTUNING_CHILD_MAXRSS_KB") for line in proc.stdout.splitlines()),
             "note": "full fine-tuning; step time = train_runtime / steps (includes Trainer overhead)"}
 
 
@@ -158,8 +171,11 @@ def report(runs: list[dict], tag: str, title: str) -> str:
             lines += ["", "Outside reference, Axolotl 0.19's own LISA (full fine-tuning, 2 layers + embeddings/head, "
                       "`axolotl train --launcher python`): step "
                       f"{statistics.mean(r['step_s_mean'] for r in rs):.2f} s (train_runtime/steps), "
-                      f"loss (last 5) {_ms([r['loss_last5'] for r in rs])}, peak RSS of the largest child "
-                      f"{max(r['peak_rss_bytes_children_max'] for r in rs) / 2**20:.0f} MB."]
+                      f"loss (last 5) {_ms([r['loss_last5'] for r in rs])}, peak RSS "
+                      f"{max(r['peak_rss_bytes_children_max'] for r in rs) / 2**20:.0f} MB"
+                      + ("" if all(r.get("rss_exact") for r in rs) else
+                         " (an upper bound: the maximum over every child process of that invocation, which also "
+                         "ran strategy_bench processes)") + "."]
     return "\n".join(lines)
 
 
@@ -216,6 +232,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval-n", type=int, default=100)
     p.add_argument("--model", default="irtuning://smollm2-135m-instruct")
     p.add_argument("--axolotl-lisa", action="store_true", help="also run Axolotl's own LISA (full FT)")
+    p.add_argument("--axolotl-lisa-seeds", nargs="+", type=int, default=None,
+                   help="seeds of the Axolotl LISA runs (default: all seeds)")
     p.add_argument("--out", required=True, help="folder for runs.jsonl and per-run JSON")
     p.add_argument("--report", action="store_true", help="only regenerate RESULTS.md + PNG from runs.jsonl")
     p.add_argument("--tag", default="cpu-smollm2")
@@ -231,7 +249,7 @@ def main(argv=None) -> int:
                 for strategy in a.strategies:
                     fh.write(json.dumps(run_one(strategy, seed, a, out)) + "\n")
                     fh.flush()
-                if a.axolotl_lisa:
+                if a.axolotl_lisa and (a.axolotl_lisa_seeds is None or seed in a.axolotl_lisa_seeds):
                     fh.write(json.dumps(run_axolotl_lisa(seed, a, out)) + "\n")
                     fh.flush()
     runs = [json.loads(x) for x in runs_path.read_text().splitlines() if x.strip()]
