@@ -204,6 +204,8 @@ def plot(runs: list[dict], path: Path) -> None:
                                                           for m in r["memory_per_step"]) / 2**20 for r in by[n])
                         for n in names])
     axes[2].set_ylabel("gradient + optimizer-state MB (median step)")
+    for ax in axes[1:]:
+        ax.tick_params(axis="x", labelrotation=30)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
