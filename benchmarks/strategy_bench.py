@@ -61,18 +61,10 @@ class PadCollator:
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def tensor_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
-def memory_account(model, optimizer) -> dict[str, int]:
-    """Bytes now held in trainable parameters, their gradients, and optimizer state."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    inner = getattr(optimizer, "optimizer", optimizer)
-    state = [v for s in inner.state.values() for v in s.values() if torch.is_tensor(v) and v.numel() > 1]
-    return {"trainable_param_bytes": tensor_bytes(trainable), "grad_bytes": tensor_bytes(grads),
-            "optimizer_state_bytes": tensor_bytes(state)}
+def totals(account: dict[str, int]) -> dict[str, int]:
+    """The engine's memory account with accelerator and host bytes added up."""
+    kinds = ("trainable_param_bytes", "grad_bytes", "optimizer_state_bytes")
+    return {k: account[f"{k}_accelerator"] + account[f"{k}_host"] for k in kinds}
 
 
 def _percentile(xs, q):
@@ -128,7 +120,7 @@ def run_strategy(strategy: str, *, seed: int, steps: int, model_dir: str, data_d
             self.t0 = time.perf_counter()
 
         def on_pre_optimizer_step(self, a, s, c, **kw):
-            mem.append(memory_account(model, trainer.optimizer))
+            mem.append(totals(cb.engine.memory_account()))
 
         def on_step_end(self, a, s, c, **kw):
             times.append(time.perf_counter() - self.t0)

@@ -57,8 +57,6 @@ class SelectionStrategy:
     name: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
     summary: ClassVar[str] = ""
-    # Whether the engine must compute gradient scores every step (others may still log them).
-    needs_gradient_scores: ClassVar[bool] = False
 
     def __init__(self, num_layers: int, options: Any = None):
         self.num_layers = num_layers

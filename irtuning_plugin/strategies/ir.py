@@ -103,7 +103,6 @@ class IRStrategy(SelectionStrategy):
     name = "ir"
     Options = IROptions
     summary = "IR-Tuning: train the high-gradient group of a variance-minimising split, re-chosen every step"
-    needs_gradient_scores = True
 
     def layer_scores(self, per_tensor_sq: torch.Tensor, layer_ids: torch.Tensor) -> torch.Tensor:
         if self.options.score == "reference":
