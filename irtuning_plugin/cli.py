@@ -130,13 +130,28 @@ def _cmd_demo(args) -> int:
     after = _evaluate(cfg["base_model"], str(output_dir), "test", args.eval_limit, data_dir)
     summary = summarize_run(output_dir)
     summary.update(accuracy_before=before.accuracy, macro_f1_before=before.macro_f1,
-                   accuracy_after=after.accuracy, macro_f1_after=after.macro_f1, eval_n=after.n)
+                   accuracy_after=after.accuracy, macro_f1_after=after.macro_f1, eval_n=after.n,
+                   per_class_before=before.per_class, per_class_after=after.per_class)
     (output_dir / "irtuning_demo_summary.json").write_text(json.dumps(summary, indent=1))
     print("\n=== irtuning demo summary ===")
     _print_summary(summary)
-    print(f"test accuracy {before.accuracy:.3f} -> {after.accuracy:.3f}; "
-          f"macro-F1 {before.macro_f1:.3f} -> {after.macro_f1:.3f} (n={after.n}, label scoring)")
+    print(demo_table(before, after))
     return 0
+
+
+def demo_table(before, after) -> str:
+    """Held-out figures before and after training, per class, and the overall line with chance."""
+    rows = [f"held-out test examples (n={after.n}, label scoring), before -> after training:",
+            f"{'class':<16}{'n':>4}  {'recall':>14}  {'F1':>14}"]
+    for label, b in before.per_class.items():
+        a = after.per_class[label]
+        rows.append(f"{label:<16}{a['support']:>4}  {b['recall']:>6.2f} -> {a['recall']:<4.2f}  "
+                    f"{b['f1']:>6.2f} -> {a['f1']:<4.2f}")
+    chance = 1 / len(before.per_class)
+    rows.append(f"test accuracy {before.accuracy:.3f} -> {after.accuracy:.3f}; "
+                f"macro-F1 {before.macro_f1:.3f} -> {after.macro_f1:.3f} "
+                f"(chance 1/{len(before.per_class)} = {chance:.3f})")
+    return "\n".join(rows)
 
 
 KEYS_START, KEYS_END = "<!-- keys:start -->", "<!-- keys:end -->"

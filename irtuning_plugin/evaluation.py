@@ -81,16 +81,16 @@ def label_logprobs_naive(model, tokenizer, prompts: Sequence[str], labels: Seque
 
 @torch.no_grad()
 def label_logprobs(model, tokenizer, prompts: Sequence[str], labels: Sequence[str] = LABELS,
-                   batch_size: int = 16) -> torch.Tensor:
+                   batch_size: int = 16, completion=label_completion) -> torch.Tensor:
     """``[len(prompts), len(labels)]`` summed log-probabilities of each label's tokens after its prompt.
 
     Each prompt runs once (left-padded, explicit position ids, logits only at its last position); the
     labels then continue from the prompt's KV cache, repeated once per label. On SmolLM2 this is about
     5x cheaper than scoring every (prompt, label) sequence in full, and never builds [tokens x vocab]
-    logits for the prompt.
+    logits for the prompt. ``completion`` maps a label to its trained text (another task's labels).
     """
     device = next(model.parameters()).device
-    label_ids = [tokenizer(label_completion(lab), add_special_tokens=False)["input_ids"] for lab in labels]
+    label_ids = [tokenizer(completion(lab), add_special_tokens=False)["input_ids"] for lab in labels]
     n_lab, l_max = len(label_ids), max(len(x) for x in label_ids)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     lab = torch.full((n_lab, l_max), pad, dtype=torch.long)

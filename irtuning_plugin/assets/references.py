@@ -4,6 +4,7 @@
     base_model: irtuning://tiny-llama                  # tiny random-init Llama (tests)
     datasets:
       - path: irtuning://revision-intention/train.jsonl
+      - path: irtuning://tweet-sentiment/train.jsonl   # human-rated tweets (vaderSentiment's sdist)
 
 Assets live in ``$IRTUNING_CACHE`` (default ``~/.cache/irtuning``), never in the repository.
 """
@@ -20,6 +21,7 @@ LOG = logging.getLogger(__name__)
 
 SCHEME = "irtuning://"
 DATA_NAME = "revision-intention"
+TWEET_DATA_NAME = "tweet-sentiment"
 DEFAULT_DATA_SEED = 171
 SPLITS = ("train", "val", "test")
 
@@ -39,6 +41,32 @@ def revision_data_dir(cache: Path | None = None, seed: int = DEFAULT_DATA_SEED) 
     return dest
 
 
+def tweet_data_dir(cache: Path | None = None, seed: int = DEFAULT_DATA_SEED) -> Path:
+    """The tweet-sentiment data set (human-rated tweets; built once per seed)."""
+    import json
+
+    from irtuning_plugin.assets.tweet_sentiment_data import FORMAT_VERSION, TASK, build_tweet_dataset
+
+    root = cache or cache_root()
+    dest = root / "data" / f"{TASK}-seed{seed}"
+    manifest = dest / "manifest.json"
+    current = manifest.exists() and json.loads(manifest.read_text()).get("format_version") == FORMAT_VERSION
+    if not current:
+        LOG.info("irtuning: building the tweet-sentiment data set in %s", dest)
+        build_tweet_dataset(dest, seed=seed, cache=root / "sources")
+    return dest
+
+
+DATA_BUILDERS = {DATA_NAME: revision_data_dir, TWEET_DATA_NAME: tweet_data_dir}
+
+
+def data_dir_for(task: str) -> Path:
+    """The built-in data folder of a task by name (built on first use)."""
+    if task not in DATA_BUILDERS:
+        raise ValueError(f"unknown task {task!r}; allowed: {', '.join(DATA_BUILDERS)}")
+    return DATA_BUILDERS[task]()
+
+
 def resolve_reference(value: str) -> str:
     if not isinstance(value, str) or not value.startswith(SCHEME):
         return value
@@ -47,9 +75,9 @@ def resolve_reference(value: str) -> str:
         return str(prepare_smollm2())
     if rest == "tiny-llama":
         return str(prepare_tiny_llama())
-    if rest.startswith(DATA_NAME):
-        parts = rest.split("/")
-        data_dir = revision_data_dir()
+    parts = rest.split("/")
+    if parts[0] in DATA_BUILDERS:
+        data_dir = DATA_BUILDERS[parts[0]]()
         if len(parts) == 1:
             return str(data_dir)
         split = parts[1].removesuffix(".jsonl")
@@ -57,7 +85,7 @@ def resolve_reference(value: str) -> str:
             return str(data_dir / f"{split}.jsonl")
     raise ValueError(
         f"unknown asset reference {value!r}; allowed: {SCHEME}smollm2-135m-instruct, {SCHEME}tiny-llama, "
-        + ", ".join(f"{SCHEME}{DATA_NAME}/{s}.jsonl" for s in SPLITS)
+        + ", ".join(f"{SCHEME}{name}/{s}.jsonl" for name in DATA_BUILDERS for s in SPLITS)
     )
 
 

@@ -1,0 +1,24 @@
+"""The demo's closing table: per-class recall and F1 before and after training, and the overall line."""
+
+from irtuning_plugin.cli import demo_table
+from irtuning_plugin.evaluation import classification_metrics
+from irtuning_plugin.revision_task import LABELS
+
+
+def test_demo_table_reports_each_class_before_and_after():
+    gold = [lab for lab in LABELS for _ in range(4)]  # 20 examples, 4 per class
+    before = classification_metrics(gold, ["clarity"] * len(gold))  # one class predicted for everything
+    after_pred = list(gold)
+    after_pred[0] = "style"  # one clarity example wrong
+    after = classification_metrics(gold, after_pred)
+    lines = demo_table(before, after).splitlines()
+    assert lines[0].startswith("held-out test examples (n=20")
+    rows = {line.split()[0]: line.split() for line in lines[2:-1]}
+    assert list(rows) == list(LABELS)
+    # clarity: recall 1.00 -> 0.75; F1 before = 2*(0.2*1)/(1.2) = 0.33, after = 2*(1*0.75)/1.75 = 0.86
+    assert rows["clarity"][1:] == ["4", "1.00", "->", "0.75", "0.33", "->", "0.86"]
+    assert rows["fluency"][1:] == ["4", "0.00", "->", "1.00", "0.00", "->", "1.00"]
+    # style: recall 0 -> 1, precision after 4/5: F1 = 2*0.8/1.8 = 0.89
+    assert rows["style"][-1] == "0.89"
+    assert lines[-1] == ("test accuracy 0.200 -> 0.950; macro-F1 "
+                         f"{before.macro_f1:.3f} -> {after.macro_f1:.3f} (chance 1/5 = 0.200)")
