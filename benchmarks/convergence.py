@@ -1,7 +1,7 @@
 """Convergence grid: held-out quality against optimizer steps and counted FLOPs, per strategy, seed and task.
 
     PYTHONSAFEPATH=1 python benchmarks/convergence.py --tasks revision-intention tweet-sentiment \
-        --strategies all ir ist lisa random salf --seeds 1 2 3 --steps 300 --eval-every 25 \
+        --strategies all ir ist lisa random salf --seeds 1 2 3 --steps 150 --eval-every 25 \
         --out benchmarks/results/convergence-cpu-smollm2
     PYTHONSAFEPATH=1 python benchmarks/convergence.py --out benchmarks/results/convergence-cpu-smollm2 --report
 
@@ -172,6 +172,18 @@ def _env() -> dict:
             "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
 
 
+RECIPE_KEYS = ("steps", "eval_every", "val_n", "test_n", "micro_batch", "lr", "warmup", "model")
+
+
+def _check_same_recipe(path: Path, a) -> None:
+    """A finished cell counts only if it was run with the recipe asked for now."""
+    recipe = json.loads(path.read_text()).get("recipe", {})
+    for key in RECIPE_KEYS:
+        if recipe.get(key) != getattr(a, key):
+            raise SystemExit(f"{path} was run with {key}={recipe.get(key)!r}, this grid asks for "
+                             f"{getattr(a, key)!r}; use another --out or delete that cell")
+
+
 def run_grid(a) -> list[Path]:
     """Run every missing cell, one after another; return the cells that were (re)computed."""
     out = Path(a.out)
@@ -181,6 +193,7 @@ def run_grid(a) -> list[Path]:
             for strategy in a.strategies:
                 path = cell_path(out, task, strategy, seed)
                 if path.exists():
+                    _check_same_recipe(path, a)
                     print(f"skip {path} (finished)", flush=True)
                     continue
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -213,6 +226,7 @@ def _cell_main(a) -> int:
                    options=STRATEGY_OPTIONS.get(strategy, {}), partial=path.with_suffix(".partial.jsonl"),
                    eval_at_start=a.eval_at_start)
     res["model"] = a.model
+    res["recipe"] = {key: getattr(a, key) for key in RECIPE_KEYS}  # as asked (a split may hold fewer)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(res, indent=1))
     os.replace(tmp, path)  # a result file exists only once the cell is complete
@@ -354,9 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+", default=["revision-intention"])
     p.add_argument("--strategies", nargs="+", default=["all", "ir", "ist", "lisa", "random", "salf"])
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=150)
     p.add_argument("--eval-every", type=int, default=25)
-    p.add_argument("--val-n", type=int, default=100)
+    p.add_argument("--val-n", type=int, default=60)
     p.add_argument("--test-n", type=int, default=300)
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)

@@ -90,3 +90,12 @@ def test_steps_to_ninety_percent_of_all_and_mean_std_by_hand():
     text = cv.report(cells, "t", "cmd")
     assert "| ir | 1,2 | 0.600 ± 0.141 | 0.600 ± 0.141 |" in text
     assert "20 (1/2)" in text and "30 (1/2)" in text
+
+
+@pytest.mark.slow
+def test_a_finished_cell_of_another_recipe_is_refused(grid):
+    out, _ = grid
+    args = _args(out, ["all"])
+    args.steps = 8
+    with pytest.raises(SystemExit, match="steps=4.*asks for 8"):
+        cv.run_grid(args)
