@@ -302,12 +302,24 @@ def report(cells: list[dict], tag: str, command: str, remaining: str = "") -> st
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in t["strategies"].items():
             reach = (f"{statistics.mean(r['steps_to_target']):.0f} ({r['reached']}/{len(r['seeds'])})"
-                     if r["reached"] else f"not reached (0/{len(r['seeds'])})")
+                     if r["reached"] else f"not reached (0/{len(r['seeds'])})" if t["target"] is not None else "n/a")
             gfl = f"{statistics.mean(r['flops_to_target']) / 1e12:,.1f}" if r["reached"] else "-"
             lines.append(
                 f"| {name} | {','.join(map(str, r['seeds']))} | {_ms(r['test_accuracy'])} | {_ms(r['test_macro_f1'])} "
                 f"| {_ms(r['final_val_macro_f1'])} | {reach} | {gfl} | {statistics.mean(r['train_flops']) / 1e12:.1f} "
                 f"| {statistics.mean(r['train_s']):.0f} | {r['layers_median']:g} |")
+        lines += ["", "Validation accuracy / macro-F1 by optimizer step (mean over seeds):", ""]
+        names = list(t["strategies"])
+        steps = sorted({p["step"] for c in cells if c["task"] == task for p in c["curve"]})
+        lines += ["| step | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for step in steps:
+            vals = []
+            for name in names:
+                pts = [p for c in cells if c["task"] == task and c["strategy"] == name for p in c["curve"]
+                       if p["step"] == step]
+                vals.append(f"{statistics.mean(p['val_accuracy'] for p in pts):.3f} / "
+                            f"{statistics.mean(p['val_macro_f1'] for p in pts):.3f}" if pts else "-")
+            lines.append(f"| {step} | " + " | ".join(vals) + " |")
         lines.append("")
     lines.append(f"![convergence curves](convergence-{tag}.png)")
     return "\n".join(lines)

@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("demo", help="run the demo: eval, axolotl train, eval, summary")
     sp.add_argument("--recipe", default=str(DEMO_RECIPE))
     sp.add_argument("--max-steps", type=int, default=None, help="override the recipe's max_steps")
-    sp.add_argument("--eval-limit", type=int, default=100, help="test examples scored before/after")
+    sp.add_argument("--eval-limit", type=int, default=200, help="test examples scored before/after")
     sp.add_argument("--launcher", default="python", choices=("python", "accelerate"))
     sp.set_defaults(func=_cmd_demo)
     sp = sub.add_parser("eval", help="label-scoring accuracy and macro P/R/F1")

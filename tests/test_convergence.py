@@ -76,7 +76,7 @@ def test_report_and_plot_from_the_cell_files(grid, tmp_path):
 def _cell(strategy, seed, f1s, test_f1):
     return {"task": "t", "strategy": strategy, "seed": seed, "steps": 30, "test_accuracy": test_f1,
             "test_macro_f1": test_f1, "train_flops": 30, "train_s": 3.0, "layers_per_step": [2, 4],
-            "curve": [{"step": 10 * (i + 1), "flops": 10 * (i + 1), "val_macro_f1": f} for i, f in enumerate(f1s)]}
+            "curve": [{"step": 10 * (i + 1), "flops": 10 * (i + 1), "val_accuracy": f, "val_macro_f1": f} for i, f in enumerate(f1s)]}
 
 
 def test_steps_to_ninety_percent_of_all_and_mean_std_by_hand():
@@ -90,6 +90,7 @@ def test_steps_to_ninety_percent_of_all_and_mean_std_by_hand():
     text = cv.report(cells, "t", "cmd")
     assert "| ir | 1,2 | 0.600 ± 0.141 | 0.600 ± 0.141 |" in text
     assert "20 (1/2)" in text and "30 (1/2)" in text
+    assert "| 20 | 0.550 / 0.550 | 0.470 / 0.470 |" in text  # the curve table: mean over seeds per step
 
 
 @pytest.mark.slow
