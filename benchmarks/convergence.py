@@ -36,10 +36,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 START, END = "<!-- convergence:{tag}:start -->", "<!-- convergence:{tag}:end -->"
 
-# A strategy's options where its default is not the setting compared (everything else: its defaults).
+# A strategy's options where its default is not the setting compared (everything else: its defaults),
+# as a function of the model's layer count.
 STRATEGY_OPTIONS = {
-    # Unbounded, SALF's calibration on SmolLM2 picks cut 0 and trains 29 of 30 layers (= `all`).
-    "salf": {"max_trainable": 10},
+    # Unbounded, SALF's calibration on SmolLM2 picks cut 0 and trains 29 of 30 layers (= `all`);
+    # a third of the layers (10 of 30) is the setting compared, as in run_comparison.py.
+    "salf": lambda num_layers: {"max_trainable": max(1, num_layers // 3)},
 }
 
 
@@ -96,6 +98,8 @@ def run_cell(*, task: str, strategy: str, seed: int, steps: int, eval_every: int
     set_seed(seed)
     model = get_peft_model(base, LoraConfig(target_modules=TARGETS, task_type="CAUSAL_LM", **LORA))
     model.enable_input_require_grads()  # as Axolotl 0.19 does for every adapter run
+    if callable(options):
+        options = options(base.config.num_hidden_layers)
     counted = {"flops": 0}
 
     class CountingTrainer(Trainer):
