@@ -97,8 +97,23 @@ def validate_axolotl_config(data: dict) -> dict:
     if data.get("fsdp") or data.get("fsdp_config"):
         raise ValueError("irtuning does not support FSDP yet (sharded gradients give per-rank partial scores): "
                          "remove fsdp/fsdp_config (DDP is supported)")
+    _ddp_unused_parameters(data, config)
     _check_on_meta_model(data, config)
     return data
+
+
+def _ddp_unused_parameters(data: dict, config) -> None:
+    """Frozen layers get no gradient; DDP stops on that unless it looks for unused parameters, and Axolotl
+    builds DDP with ddp_find_unused_parameters=False when the key is unset. So: unset -> true (only read
+    under DDP), explicitly false -> refused."""
+    if config.strategy == "all":
+        return
+    value = data.get("ddp_find_unused_parameters")
+    if value is None:
+        data["ddp_find_unused_parameters"] = True
+    elif value is False:
+        raise ValueError(f"ddp_find_unused_parameters: false cannot work with irtuning_strategy={config.strategy!r}: "
+                         f"frozen layers get no gradient, which DDP then refuses; set it to true or remove it")
 
 
 def _build_args_model() -> type[BaseModel]:
