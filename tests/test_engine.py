@@ -202,7 +202,7 @@ class NaNFromStep(TrainerCallback):
 def test_nonfinite_gradients_are_logged_per_row_and_warned_once(tmp_path, caplog):
     model = tiny_peft_llama()
     trainer = make_trainer(model, tmp_path, max_steps=4)
-    cb = attach_layer_selection(trainer, SelectionConfig(strategy="all"))
+    attach_layer_selection(trainer, SelectionConfig(strategy="all"))
     trainer.add_callback(NaNFromStep(build_layer_map(model).params[3][0], start=2))
     with caplog.at_level("WARNING", logger="irtuning_plugin.engine"):
         trainer.train()
