@@ -113,3 +113,31 @@ def test_engine_state_dict_round_trip_and_mismatch_refused():
     wrong = LayerSelectionEngine(tiny_peft_llama(), SelectionConfig(strategy="random"))
     with pytest.raises(SelectionError, match="strategy='ist' but this run has strategy='random'"):
         wrong.load_state_dict(state)
+
+
+@pytest.mark.slow
+def test_axolotl_train_resume_continues_the_selection(tmp_path, tiny_model_dir):
+    """Real `axolotl train` on the tiny-model recipe: 6 steps with a checkpoint every 2, then the same run
+    restarted from checkpoint-2 in the same folder must rewrite steps 3..6 exactly as they were."""
+    from test_axolotl_plugin import base_cfg, run_axolotl, slice_of_train
+
+    data = slice_of_train(tmp_path, 64)
+    out = tmp_path / "out"
+    cfg = base_cfg(
+        tiny_model_dir, datasets=[{"path": str(data), "ds_type": "json", "type": "input_output"}],
+        output_dir=str(out), dataset_prepared_path=str(tmp_path / "prepared"), max_steps=6, micro_batch_size=2,
+        learning_rate=5e-3, lr_scheduler="constant", warmup_steps=0, logging_steps=1, save_strategy="steps",
+        save_steps=2, val_set_size=0, train_on_inputs=False, seed=3,
+    )
+    run_axolotl(tmp_path, cfg)
+    first = _strip(read_selection_log(out / SELECTION_LOG))
+    assert [r["step"] for r in first] == [1, 2, 3, 4, 5, 6]
+    assert (out / "checkpoint-2" / STATE_FILE).is_file()
+    log = run_axolotl(tmp_path, {**cfg, "resume_from_checkpoint": str(out / "checkpoint-2")})
+    assert "resumed the selection at step 2" in log  # a WARNING: visible on Axolotl's console
+    again = _strip(read_selection_log(out / SELECTION_LOG))
+    assert again == first
+    assert len({tuple(r["active"]) for r in first}) > 1
+    run = json.loads((out / RUN_SUMMARY).read_text())
+    assert run["steps"] == 6 and len(run["losses"]) == 6 and [s for s, _ in run["losses"]] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in run["resumes"]] == [2]
