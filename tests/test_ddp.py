@@ -21,7 +21,8 @@ TESTS = str(Path(__file__).resolve().parent)
 @pytest.mark.parametrize("strategy,options", [
     ("ir", {}),
     ("ist", {"irtuning_ist_first_update": 1, "irtuning_ist_update_every": 2, "irtuning_ist_estimation_batch": 4}),
-], ids=["ir", "ist"])
+    ("salf", {"irtuning_salf_calibration_batches": 2}),  # each rank calibrates on its own shard: summed
+], ids=["ir", "ist", "salf"])
 def test_two_cpu_ranks_select_and_train_identically(tmp_path, tiny_model_dir, monkeypatch, strategy, options):
     data = slice_of_train(tmp_path, 48)
     out = tmp_path / "out"
@@ -45,12 +46,16 @@ def test_two_cpu_ranks_select_and_train_identically(tmp_path, tiny_model_dir, mo
         assert info["global_step"] == 4 and len(info["rows"]) == 4
     assert ranks[0]["batches"] != ranks[1]["batches"]  # each rank read its own shard of the data
     assert ranks[0]["rows"] == ranks[1]["rows"]  # same layers, same scores, same strategy fields every step
-    assert len({tuple(r["active"]) for r in ranks[0]["rows"]}) > 1 or strategy == "ist"
+    assert len({tuple(r["active"]) for r in ranks[0]["rows"]}) > 1 or strategy in ("ist", "salf")
     w0, w1 = (torch.load(out / f"rank{r}_lora.pt") for r in (0, 1))
     assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
     # the rank-0 selection log on disk is the same history
     disk = [json.loads(x) for x in (out / "irtuning_selection.jsonl").read_text().splitlines()]
     assert [r["active"] for r in disk] == [r["active"] for r in ranks[0]["rows"]]
+    if strategy == "salf":
+        calib = ranks[0]["rows"][0]
+        assert calib["salf_source"] == "calibration" and calib["salf_batches"] == 2
+        assert calib["salf_tokens"] > 0  # tokens of both ranks' batches (the rows above are equal)
     if strategy == "ist":
         updates = [r["ist_update"] for r in ranks[0]["rows"] if "ist_update" in r]
         assert len(updates) == 2  # steps 1 and 3: importance from losses averaged over both ranks

@@ -195,8 +195,9 @@ class SALFStrategy(SelectionStrategy):
 
     def state_dict(self) -> dict[str, Any]:
         """The cut and the calibration behind it: a resumed run keeps the cut and does not calibrate again."""
-        fit = None if self.fit is None else dataclasses.asdict(self.fit)
-        return {"cut": self.cut, "deviation": self.deviation, "gains": self.gains, "fit": fit,
+        fit = None if self.fit is None else {k: float(v) for k, v in dataclasses.asdict(self.fit).items()}
+        floats = (lambda xs: None if xs is None else [float(x) for x in xs])  # noqa: E731 - plain floats for torch.load
+        return {"cut": self.cut, "deviation": floats(self.deviation), "gains": floats(self.gains), "fit": fit,
                 "report": dict(self.report), "logged": self._logged}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
