@@ -58,7 +58,9 @@ class LayerSelectionCallback(TrainerCallback):
 
     def _capture_resume_argument(self, trainer) -> None:
         """Remember the checkpoint ``trainer.train`` resumes from (the Trainer does not keep it)."""
-        original_train = trainer.train
+        original_train = getattr(trainer, "train", None)
+        if not callable(original_train):
+            return
 
         def train(resume_from_checkpoint=None, *args, **kwargs):
             self._resume_arg = resume_from_checkpoint
