@@ -299,3 +299,23 @@ def test_selected_layers_get_gradients_under_gradient_checkpointing(tmp_path, re
         without = [i for i, flags in enumerate(has) if not any(flags)]
         assert with_grad == row["active"] and sorted(with_grad + without) == list(range(6))
     assert any(r["n_active"] < 6 for r in cb.rows)
+
+
+@pytest.mark.slow
+def test_axolotl_console_warns_once_about_nonfinite_gradients(tmp_path, tiny_model_dir):
+    """The issue's repro: learning_rate 1e30 on the tiny-model recipe through `axolotl train`."""
+    from test_axolotl_plugin import base_cfg, run_axolotl, slice_of_train
+
+    data = slice_of_train(tmp_path, 32)
+    out = tmp_path / "out"
+    cfg = base_cfg(tiny_model_dir, datasets=[{"path": str(data), "ds_type": "json", "type": "input_output"}],
+                   output_dir=str(out), dataset_prepared_path=str(tmp_path / "prepared"), max_steps=4,
+                   learning_rate=1.0e30, lr_scheduler="constant", warmup_steps=0, save_strategy="no",
+                   val_set_size=0, seed=3)
+    log = run_axolotl(tmp_path, cfg)
+    rows = read_selection_log(out / "irtuning_selection.jsonl")
+    bad = [r for r in rows if r["nonfinite_layers"]]
+    assert bad, [r["scores"] for r in rows]
+    first = bad[0]
+    assert log.count("NON-FINITE") == 1
+    assert f"optimizer step {first['step']} in layer(s) {first['nonfinite_layers']}" in log

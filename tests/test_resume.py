@@ -29,11 +29,11 @@ DYNAMIC = [
 ]
 
 
-def _train(out, strategy, options, max_steps, resume=None, save_steps=None):
+def _train(out, strategy, options, max_steps, resume=None, save_steps=None, **config):
     model = tiny_peft_llama()
     kw = {"save_strategy": "steps", "save_steps": save_steps} if save_steps else {}
     trainer = make_trainer(model, out, max_steps=max_steps, max_grad_norm=1.0, **kw)
-    cb = attach_layer_selection(trainer, SelectionConfig(strategy=strategy, strategy_options=dict(options)))
+    cb = attach_layer_selection(trainer, SelectionConfig(strategy=strategy, strategy_options=dict(options), **config))
     trainer.train(resume_from_checkpoint=resume)
     return cb, trainer
 
@@ -71,6 +71,23 @@ def test_resumed_run_selects_what_the_uninterrupted_run_selects(tmp_path, strate
     assert run["resumes"] == [{"step": 2, "checkpoint": str(b_dir / "checkpoint-2")}]
     if strategy == "ist":
         assert any("ist_update" in r for r in b_rows[2:])  # an importance update after the resume
+
+
+@pytest.mark.parametrize("mode", ["cpu", "drop"])
+def test_resume_with_frozen_optimizer_state_moved_or_dropped(tmp_path, mode):
+    """The checkpointed optimizer lacks (drop) or holds host copies of (cpu) the frozen layers' moments."""
+    a_cb, a_trainer = _train(tmp_path / "a", "random", {"n_layers": 2}, max_steps=6, frozen_optimizer_state=mode)
+    b = tmp_path / "b"
+    _train(b, "random", {"n_layers": 2}, max_steps=4, save_steps=2, frozen_optimizer_state=mode)
+    b_cb, b_trainer = _train(b, "random", {"n_layers": 2}, max_steps=6, resume=str(b / "checkpoint-2"),
+                             frozen_optimizer_state=mode)
+    assert _strip(read_selection_log(b / SELECTION_LOG)) == _strip(read_selection_log(tmp_path / "a" / SELECTION_LOG))
+    for pa, pb in zip(a_trainer.model.parameters(), b_trainer.model.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+    if mode == "drop":  # after the resume, as before it: no moments held for the frozen layers
+        frozen = set(range(6)) - set(b_cb.engine.active)
+        state = b_cb.engine.optimizer.state
+        assert not any(p in state for i in frozen for p in b_cb.engine.layer_map.params[i])
 
 
 def test_resume_by_output_dir_lookup_and_second_resume(tmp_path):
