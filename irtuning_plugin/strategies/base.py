@@ -153,19 +153,19 @@ class KeyType:
 
     def pydantic_annotation(self) -> Any:
         """The same type for a pydantic model (strict: no '2' -> 2 coercion)."""
-        from pydantic import StrictBool, StrictFloat, StrictInt, StrictStr
+        from pydantic import AllowInfNan, Strict, StrictBool, StrictInt, StringConstraints
 
         members: list[Any] = []
         if self.ints or self.floats:
             members.append(StrictInt)
         if self.floats:
-            members.append(StrictFloat)
+            members.append(typing.Annotated[float, Strict(), AllowInfNan(False)])
         if self.bools:
             members.append(StrictBool)
         if self.int_lists:
             members.append(list[StrictInt])
         if self.strings:
-            members.append(StrictStr)
+            members.append(typing.Annotated[str, StringConstraints(strict=True, min_length=1)])
         if self.choices:
             members.append(Literal[self.choices])
         return typing.Optional[typing.Union[tuple(members)]]
