@@ -179,3 +179,31 @@ def test_axolotl_cli_shows_our_message_not_a_traceback(tmp_path, tiny_model_dir)
         "irtuning config error: irtuning_ir_window_low='abc'; must be a number",
         "(set IRTUNING_FULL_TRACEBACK=1 for the full traceback)"], proc.stderr[-3000:]
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_irtuning_check_catches_a_missing_plugin(tmp_path, tiny_model_dir, capsys):
+    """Axolotl 0.19 drops irtuning_* keys when the plugin is not listed (plain LoRA, no error): the
+    `irtuning check` command reports it; with the plugin listed it runs Axolotl's validation."""
+    from irtuning_plugin.cli import main
+
+    cfg = base_cfg(tiny_model_dir, plugins=None, output_dir=str(tmp_path / "out"))
+    (tmp_path / "noplugin.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["check", str(tmp_path / "noplugin.yaml")]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "irtuning check: irtuning_strategy is set but irtuning_plugin.IRTuningPlugin is not under plugins: Axolotl "
+        "0.19 never loads the plugin, drops every irtuning_* key and trains plain LoRA; add plugins: "
+        "[irtuning_plugin.IRTuningPlugin]")
+    assert main(["check", str(_bad_cfg_file(tmp_path, tiny_model_dir, irtuning_ir_interval="2"))]) == 1
+    assert capsys.readouterr().err.strip().endswith(
+        "irtuning check: irtuning_ir_interval='2'; must be a whole number (write 2 without quotes)")
+    assert main(["check", str(_bad_cfg_file(tmp_path, tiny_model_dir))]) == 0
+    assert "irtuning check: ok (irtuning_strategy ir, scope adapter)" in capsys.readouterr().out
+
+
+def test_readme_first_axolotl_example_lists_the_plugin_and_warns():
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Use it in your own Axolotl recipe", 1)[1]
+    example = yaml.safe_load(section.split("```yaml", 1)[1].split("```", 1)[0])
+    assert example["plugins"] == ["irtuning_plugin.IRTuningPlugin"] and example["irtuning_strategy"] == "ir"
+    warning = section.split("```", 2)[2].split("\n\n", 2)[1]
+    assert "not optional on Axolotl 0.19" in warning and "plain LoRA" in warning and "irtuning check" in warning

@@ -158,3 +158,22 @@ def test_the_callback_refuses_the_same_trainer_arguments(args, fragment):
 
 def test_training_setup_check_passes_plain_ddp():
     check_training_setup(SelectionConfig(strategy="ir"), torch_compile=False, deepspeed=None, fsdp="")
+
+
+def test_every_row_of_the_readme_refusal_table_names_existing_tests():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    section = (root / "README.md").read_text().split("### What is refused, and why", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| setting")]
+    assert len(rows) >= 10
+    for row in rows:
+        refs = re.findall(r"`([^`]*::[^`]+)`", row.rsplit("|", 2)[1])
+        assert refs, row
+        path = None
+        for ref in refs:
+            file, name = ref.split("::", 1)
+            path = file or path
+            name = name.split("[", 1)[0]
+            assert f"def {name}(" in (root / path).read_text(), (path, name)

@@ -36,6 +36,18 @@ def plugin_active(data: dict) -> bool:
     return plugin_listed(data) or data.get("irtuning_strategy") is not None
 
 
+def unlisted_plugin_message(data: dict) -> str | None:
+    """The silent failure of Axolotl 0.19: irtuning_* keys in a recipe whose ``plugins:`` lacks the plugin.
+    0.19 never imports it, drops the unknown keys and trains plain LoRA (``irtuning check`` reports it)."""
+    keys = sorted((k for k in data if str(k).startswith(PREFIX) and data[k] is not None),
+                  key=lambda k: (k != PREFIX + "strategy", k))
+    if not keys or plugin_listed(data):
+        return None
+    return (f"{keys[0]} is set but irtuning_plugin.IRTuningPlugin is not under plugins: Axolotl 0.19 never loads "
+            f"the plugin, drops every irtuning_* key and trains plain LoRA; add plugins: "
+            f"[irtuning_plugin.IRTuningPlugin]")
+
+
 def _meta_model(data: dict):
     """A meta-device copy of the base model (no weights are read), or None when its config is unreachable."""
     base = data.get("base_model_config") or data.get("base_model")
