@@ -83,8 +83,11 @@ class LayerSelectionCallback(TrainerCallback):
 
     # ---- callback events ---------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
-        check_training_setup(self.config, torch_compile=getattr(args, "torch_compile", None),
-                             deepspeed=getattr(args, "deepspeed", None), fsdp=getattr(args, "fsdp", None))
+        trainer = self.trainer  # DeepSpeed/FSDP may also come from accelerate's config, not the arguments
+        check_training_setup(
+            self.config, torch_compile=getattr(args, "torch_compile", None),
+            deepspeed=getattr(args, "deepspeed", None) or getattr(trainer, "is_deepspeed_enabled", False),
+            fsdp=getattr(args, "fsdp", None) or getattr(trainer, "is_fsdp_enabled", False))
         self._build_engine(args, model)
         self._patch_trainer()
         if self.config.score_gradients == "unclipped" and self.trainer is None and args.max_grad_norm:

@@ -145,17 +145,18 @@ KEYS_START, KEYS_END = "<!-- keys:start -->", "<!-- keys:end -->"
 
 
 def keys_table() -> str:
-    from irtuning_plugin.config import all_flat_keys
+    from irtuning_plugin.config import all_flat_keys, flat_key_types
     from irtuning_plugin.strategies import registered_strategies
 
-    lines = ["| key | default | meaning |", "|---|---|---|"]
+    types_ = flat_key_types()
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for key, (owner, f) in all_flat_keys().items():
         text = f.metadata.get("help", "")
         if key == "irtuning_strategy":
             text += ": " + "; ".join(f"`{n}` {c.summary}" for n, c in registered_strategies().items())
         if owner:
             text = f"(strategy `{owner}`) {text}"
-        lines.append(f"| `{key}` | `{f.default!r}` | {text} |")
+        lines.append(f"| `{key}` | {types_[key].describe()} | `{f.default!r}` | {text} |")
     return "\n".join(lines)
 
 
