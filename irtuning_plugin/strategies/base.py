@@ -83,7 +83,7 @@ class KeyType:
                     kw["strings"] = True
             elif origin is Literal:
                 choices.extend(typing.get_args(t))
-            elif origin in (list, Sequence, tuple) and typing.get_args(t)[:1] == (int,):
+            elif origin is list and typing.get_args(t) == (int,):
                 kw["int_lists"] = True
             else:
                 raise TypeError(f"key {f.name!r}: annotation {annotation!r} is not a supported key type")
