@@ -181,3 +181,6 @@ def config_from_flat(values: Mapping[str, Any]) -> SelectionConfig:
         else:
             options[f.name] = value
     return SelectionConfig(**engine_kwargs, strategy_options=options).check()
+
+
+key_types(SelectionConfig)  # an engine key of an unsupported type fails at import, not in a user's run
