@@ -1,9 +1,10 @@
 """Convergence grid: held-out quality against optimizer steps and counted FLOPs, per strategy, seed and task.
 
     PYTHONSAFEPATH=1 python benchmarks/convergence.py --tasks revision-intention tweet-sentiment \
-        --strategies all ir ist lisa random salf --seeds 1 2 3 --steps 150 --eval-every 25 \
-        --out benchmarks/results/convergence-cpu-smollm2
-    PYTHONSAFEPATH=1 python benchmarks/convergence.py --out benchmarks/results/convergence-cpu-smollm2 --report
+        --strategies all ir ist lisa random salf --seeds 1 2 3 --steps 300 --eval-every 50 \
+        --out benchmarks/results/convergence-cpu-smollm2-300steps
+    PYTHONSAFEPATH=1 python benchmarks/convergence.py --out benchmarks/results/convergence-cpu-smollm2-300steps \
+        --tag cpu-smollm2-300steps --report
 
 One cell = (task, strategy, seed), trained in its own process, one cell after another. A finished cell
 leaves ``<out>/<task>/<strategy>-seed<seed>.json`` (written atomically) and is skipped when the grid is
@@ -384,8 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+", default=["revision-intention"])
     p.add_argument("--strategies", nargs="+", default=["all", "ir", "ist", "lisa", "random", "salf"])
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--val-n", type=int, default=60)
     p.add_argument("--test-n", type=int, default=300)
     p.add_argument("--micro-batch", type=int, default=4)
