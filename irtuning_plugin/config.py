@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from irtuning_plugin.depth_floor import check_floor_value
 from irtuning_plugin.layer_map import SCOPES
 from irtuning_plugin.strategies import get_strategy_class, registered_strategies
 from irtuning_plugin.strategies.base import StrategyConfigError, make_options, option_fields
@@ -47,6 +48,11 @@ class SelectionConfig:
                                        "(as the references), 'cpu' = moved to CPU memory while the layer is frozen "
                                        "and back when it is selected again, 'drop' = deleted (AdamW starts it afresh "
                                        "when the layer returns)", choices=FROZEN_OPTIMIZER_STATES)
+    depth_floor: int | str | None = _opt(None, "layers 0..floor-1 stay frozen for the whole run, so backward never "
+                                         "reaches them; the strategy selects among the layers above (ir's window "
+                                         "and split, lisa/random draws and ist's fractions apply to those). A "
+                                         "number of layers (0 = none), or 'salf' = the cut of the salf calibration "
+                                         "(cut + 1). For all, ir, ist, lisa, random")
     strategy_options: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> "SelectionConfig":
@@ -59,6 +65,7 @@ class SelectionConfig:
                 raise StrategyConfigError(f"{PREFIX}{name}={value!r}; allowed: {', '.join(allowed)}")
         if self.layers_path is not None and (not isinstance(self.layers_path, str) or not self.layers_path.strip()):
             raise StrategyConfigError(f"{PREFIX}layers_path={self.layers_path!r}; must be a dotted path like model.layers")
+        check_floor_value(self.depth_floor, self.strategy)
         make_options(cls, self.strategy_options, f"{PREFIX}{self.strategy}_")
         return self
 

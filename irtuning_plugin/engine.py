@@ -24,6 +24,7 @@ from torch import nn
 
 from irtuning_kernels import layer_grad_norms
 from irtuning_plugin.config import PREFIX, SelectionConfig
+from irtuning_plugin.depth_floor import floored_strategy
 from irtuning_plugin.layer_map import LayerMap, build_layer_map, set_layers_trainable
 from irtuning_plugin.strategies import SENTINEL_SCORE, SelectionContext, get_strategy_class
 
@@ -56,9 +57,8 @@ class LayerSelectionEngine:
         L = self.layer_map.num_layers
         self.num_layers = L
         cls = get_strategy_class(config.strategy)
-        options = config.build_options()
-        options.check(f"{PREFIX}{config.strategy}_", L)
-        self.strategy = cls(L, options)
+        self.strategy = floored_strategy(cls, config.build_options(), L, config.depth_floor,
+                                         f"{PREFIX}{config.strategy}_")
         self.seed = int(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.scores = torch.full((L,), SENTINEL_SCORE, dtype=torch.float64)

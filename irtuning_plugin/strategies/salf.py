@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 import numbers
 import time
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from irtuning_plugin.salf_calibration import (
+    EMBEDDING_SPACE,
     ESTIMATORS,
     METRICS,
     CalibrationError,
@@ -29,6 +31,7 @@ from irtuning_plugin.salf_calibration import (
     choose_cut,
     cut_range,
     deviation_curve,
+    head_is_tied,
     layer_gains,
     plot_calibration,
 )
@@ -65,10 +68,18 @@ class SALFOptions:
     cut: int | None = option(None, "freeze layers 0..cut by hand (0..L-2) and skip the calibration")
     semantics_temperature: float | None = option(None, "temperature of the 'vocab_semantics' cosine logits "
                                                  "(default: 1/sqrt(hidden size))")
+    embedding_space: str = option("auto", "latent space 0 (the embedding output) in the gains: 'include'; 'exclude' "
+                                  "= gains from latent spaces 1..L only, so layer 0 is no candidate cut; 'auto' = "
+                                  "exclude when the LM head is tied to the input embeddings (read through a tied "
+                                  "head, latent space 0 scores the input token itself, not a prediction)",
+                                  choices=EMBEDDING_SPACE)
 
     def check(self, prefix: str, num_layers: int | None = None) -> None:
         if self.metric not in METRICS:
             raise StrategyConfigError(f"{prefix}metric={self.metric!r}; allowed: {', '.join(METRICS)}")
+        if self.embedding_space not in EMBEDDING_SPACE:
+            raise StrategyConfigError(f"{prefix}embedding_space={self.embedding_space!r}; allowed: "
+                                      f"{', '.join(EMBEDDING_SPACE)}")
         if self.estimator not in ESTIMATORS:
             raise StrategyConfigError(f"{prefix}estimator={self.estimator!r}; allowed: {', '.join(ESTIMATORS)}")
         if not _is_int(self.calibration_batches) or self.calibration_batches < 1:
@@ -145,6 +156,7 @@ class SALFStrategy(SelectionStrategy):
         self.gains: list[float] | None = None
         self.fit: PowerLawFit | None = None
         self.report: dict[str, Any] = {}
+        self.fit_from = 0
         self._logged = False
 
     def calibrate(self, model: torch.nn.Module, layers, batches) -> int:
@@ -152,8 +164,14 @@ class SALFStrategy(SelectionStrategy):
         opts = self.options
         t0 = time.perf_counter()
         curve = deviation_curve(model, layers, batches, metric=opts.metric, temperature=opts.semantics_temperature)
-        gains, fit = layer_gains(curve.deviation, opts.estimator)
-        cut = choose_cut(gains, opts.min_trainable, opts.max_trainable)
+        skip = opts.embedding_space == "exclude" or (opts.embedding_space == "auto" and head_is_tied(model))
+        self.fit_from = 1 if skip else 0
+        if skip:  # layer 0's gain is measured against latent space 0: not measured, not a candidate
+            upper, fit = layer_gains(curve.deviation[1:], opts.estimator)
+            gains = [math.nan] + upper
+        else:
+            gains, fit = layer_gains(curve.deviation, opts.estimator)
+        cut = choose_cut(gains, opts.min_trainable, opts.max_trainable, lowest=self.fit_from)
         self.cut, self.deviation, self.gains, self.fit = cut, curve.deviation, gains, fit
         self.report = {
             "salf_cut": cut,
@@ -161,7 +179,8 @@ class SALFStrategy(SelectionStrategy):
             "salf_metric": opts.metric,
             "salf_estimator": opts.estimator,
             "salf_deviation": [round(v, 6) for v in curve.deviation],
-            "salf_gains": [round(v, 6) for v in gains],
+            "salf_gains": [None if math.isnan(v) else round(v, 6) for v in gains],
+            "salf_embedding_space": "excluded" if skip else "included",
             "salf_tokens": curve.tokens,
             "salf_batches": curve.batches,
             "salf_calibration_s": round(time.perf_counter() - t0, 3),
@@ -203,6 +222,7 @@ class SALFStrategy(SelectionStrategy):
             return
         try:
             plot_calibration(self.deviation, self.gains, self.cut, Path(output_dir) / PLOT, fit=self.fit,
+                             fit_from=self.fit_from,
                              title=f"SALF calibration ({self.options.metric}, {self.options.estimator})")
         except ImportError as err:  # matplotlib is optional
             LOG.warning("irtuning salf: no plot (%s); pip install matplotlib", err)
