@@ -204,10 +204,16 @@ def count_sets(model: torch.nn.Module, scope: str, sets: list[list[int]], batch:
 
 def run(strategy: str, *, model_dir: str, data_dir: str, steps: int, scope: str = "adapter", batch: int = 4,
         seq: int = 128, count_batch: int = 4, count_seq: int = 128, lr: float = 2e-4, seed: int = 1,
-        options: dict | None = None, engine_options: dict | None = None, label: str | None = None) -> dict:
+        options: dict | None = None, engine_options: dict | None = None, label: str | None = None,
+        replay: bool = False) -> dict:
     """Train ``steps`` real steps (batches of ``batch x seq``) recording selections, byte accounts, wall
     and engine time; then count every selected set's FLOPs and saved bytes at ``count_batch x count_seq``
-    on the meta device."""
+    on the meta device.
+
+    ``replay``: for strategies whose choice never reads a gradient (all, lisa, random, salf): no forward
+    or backward, every trainable parameter gets a zero gradient instead, so the engine, the selections and
+    AdamW's state (allocated on a parameter's first step) are those of a real run, byte for byte; wall
+    times of such a run are not step times."""
     from transformers import AutoTokenizer
 
     from irtuning_plugin.config import SelectionConfig
@@ -233,8 +239,14 @@ def run(strategy: str, *, model_dir: str, data_dir: str, steps: int, scope: str 
         batch_t = next(it)
         active = list(engine.active)
         t0 = time.perf_counter()
-        loss = model(**batch_t).loss
-        loss.backward()
+        if replay:
+            loss = torch.zeros(())
+            for p in trainable:
+                if p.requires_grad:
+                    p.grad = torch.zeros_like(p)
+        else:
+            loss = model(**batch_t).loss
+            loss.backward()
         t1 = time.perf_counter()
         engine.collect_scores()
         torch.nn.utils.clip_grad_norm_([p for p in trainable if p.grad is not None], 1.0)
@@ -256,7 +268,7 @@ def run(strategy: str, *, model_dir: str, data_dir: str, steps: int, scope: str 
         r.update(counted[tuple(r["active"])])
     return {"label": label or strategy, "strategy": strategy, "scope": scope, "model": Path(model_dir).name,
             "options": options or {},
-            "engine_options": engine_options or {}, "steps": steps, "batch": batch, "seq": seq,
+            "engine_options": engine_options or {}, "steps": steps, "batch": batch, "seq": seq, "replay": replay,
             "count_batch": count_batch, "count_seq": count_seq, "num_layers": num_layers, "begin_s": begin_s,
             "rows": rows, "peak_rss_bytes": peak_rss, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "load_avg": os.getloadavg()}
@@ -276,6 +288,8 @@ def main(argv=None) -> int:
     p.add_argument("--options", default="{}", help="strategy options as JSON")
     p.add_argument("--engine-options", default="{}", help="engine options (SelectionConfig fields) as JSON")
     p.add_argument("--label", default=None)
+    p.add_argument("--replay", action="store_true", help="zero gradients instead of forward/backward (for "
+                   "strategies that never read a gradient)")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     from irtuning_plugin.assets.references import resolve_reference, revision_data_dir
@@ -283,7 +297,7 @@ def main(argv=None) -> int:
     result = run(a.strategy, model_dir=resolve_reference(a.model), data_dir=str(revision_data_dir()), steps=a.steps,
                  scope=a.scope, batch=a.batch, seq=a.seq, count_batch=a.count_batch, count_seq=a.count_seq,
                  seed=a.seed, options=json.loads(a.options),
-                 engine_options=json.loads(a.engine_options), label=a.label)
+                 engine_options=json.loads(a.engine_options), label=a.label, replay=a.replay)
     Path(a.out).write_text(json.dumps(result, indent=1))
     return 0
 

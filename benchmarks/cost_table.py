@@ -22,31 +22,37 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 FLOOR = {"depth_floor": "salf"}
-# name -> (strategy, steps, strategy options, engine options). Short runs: counts need no long training;
-# lisa re-draws every 2 steps and ist updates its importance every 2 (defaults 20 and 10) so that a few
-# steps show the draws.
+IST = {"first_update": 2, "update_every": 2, "estimation_batch": 4}
+# name -> (strategy, steps, strategy options, engine options, real). Short runs: counts need no long
+# training. real=True: real training steps (the strategy reads gradients); False: replayed with zero
+# gradients (cost_count.py --replay; selections and AdamW bytes as in a real run). lisa re-draws every 2
+# steps and ist updates its importance every 2 (defaults 20 and 10), so that a few steps show the draws.
 LORA = {
-    "all": ("all", 3, {}, {}),
-    "ir": ("ir", 8, {}, {}),
-    "ist": ("ist", 6, {"first_update": 2, "update_every": 2}, {}),
-    "lisa": ("lisa", 6, {"n_layers": 2, "interval": 2}, {}),
-    "random": ("random", 4, {"n_layers": 4}, {}),
-    "salf": ("salf", 3, {}, {}),
-    "salf (latent space 0 included)": ("salf", 2, {"embedding_space": "include"}, {}),
-    "ir + floor salf": ("ir", 8, {}, FLOOR),
-    "ist + floor salf": ("ist", 6, {"first_update": 2, "update_every": 2}, FLOOR),
-    "lisa + floor salf": ("lisa", 6, {"n_layers": 2, "interval": 2}, FLOOR),
-    "random + floor salf": ("random", 4, {"n_layers": 4}, FLOOR),
+    "all": ("all", 3, {}, {}, False),
+    "ir": ("ir", 8, {}, {}, True),
+    "ist": ("ist", 6, IST, {}, True),
+    "lisa": ("lisa", 6, {"n_layers": 2, "interval": 2}, {}, False),
+    "random": ("random", 4, {"n_layers": 4}, {}, False),
+    "salf": ("salf", 2, {}, {}, False),
+    "salf (latent space 0 included)": ("salf", 2, {"embedding_space": "include"}, {}, False),
+    "ir + floor salf": ("ir", 8, {}, FLOOR, True),
+    "ist + floor salf": ("ist", 6, IST, FLOOR, True),
+    "lisa + floor salf": ("lisa", 6, {"n_layers": 2, "interval": 2}, FLOOR, False),
+    "random + floor salf": ("random", 4, {"n_layers": 4}, FLOOR, False),
 }
 FULL = {
-    "all": ("all", 2, {}, {}),
-    "salf": ("salf", 2, {}, {}),
-    **{f"ir {m}": ("ir", 6, {}, {"frozen_optimizer_state": m}) for m in ("keep", "cpu", "drop")},
-    **{f"lisa {m}": ("lisa", 12, {"n_layers": 2, "interval": 2}, {"frozen_optimizer_state": m})
+    "all": ("all", 2, {}, {}, False),
+    "salf": ("salf", 2, {}, {}, False),
+    **{f"ir {m}": ("ir", 5, {}, {"frozen_optimizer_state": m}, True) for m in ("keep", "cpu", "drop")},
+    **{f"lisa {m}": ("lisa", 10, {"n_layers": 2, "interval": 2}, {"frozen_optimizer_state": m}, False)
        for m in ("keep", "cpu", "drop")},
-    **{f"random {m}": ("random", 6, {"n_layers": 4}, {"frozen_optimizer_state": m}) for m in ("keep", "cpu", "drop")},
-    "ir + floor salf cpu": ("ir", 6, {}, {**FLOOR, "frozen_optimizer_state": "cpu"}),
+    **{f"random {m}": ("random", 4, {"n_layers": 4}, {"frozen_optimizer_state": m}, False)
+       for m in ("keep", "cpu", "drop")},
+    "ir + floor salf cpu": ("ir", 5, {}, {**FLOOR, "frozen_optimizer_state": "cpu"}, True),
 }
+# Real training steps: 1 example of 128 (LoRA) / 64 (full) tokens, to keep these CPU runs short; FLOPs and
+# saved bytes are counted at 4 x 128 for every variant.
+TRAIN_SHAPE = {"adapter": (1, 128), "full": (1, 64)}
 SECTIONS = {"adapter": "costs-lora", "full": "costs-full"}
 
 
@@ -55,13 +61,13 @@ def _env():
 
 
 def run_variant(name: str, scope: str, spec, args, out: Path) -> dict:
-    strategy, steps, options, engine = spec
+    strategy, steps, options, engine, real = spec
     path = out / f"{scope}-{name.replace(' ', '_').replace('(', '').replace(')', '')}.json"
-    batch, seq = (4, 128) if scope == "adapter" else (1, 64)
+    batch, seq = TRAIN_SHAPE[scope]
     cmd = [sys.executable, str(HERE / "cost_count.py"), "--strategy", strategy, "--scope", scope,
            "--steps", str(steps), "--batch", str(batch), "--seq", str(seq), "--model", args.model,
            "--options", json.dumps(options), "--engine-options", json.dumps(engine), "--label", name,
-           "--out", str(path)]
+           "--out", str(path)] + ([] if real else ["--replay"])
     subprocess.run(cmd, check=True, env=_env())
     return json.loads(path.read_text())
 
@@ -87,7 +93,7 @@ def summarise(run: dict) -> dict:
         "engine_share": _med([(r["score_ms"] + r["select_ms"]) / 1e3 / r["wall_s"] for r in steady]),
         "engine_share_max": max((r["score_ms"] + r["select_ms"]) / 1e3 / r["wall_s"] for r in steady),
         "rss": run["peak_rss_bytes"], "floor": next((r["depth_floor"] for r in rows if "depth_floor" in r), None),
-        "cut": next((r["salf_cut"] for r in rows if "salf_cut" in r), None),
+        "cut": next((r["salf_cut"] for r in rows if "salf_cut" in r), None), "replay": bool(run.get("replay")),
     }
 
 
@@ -105,16 +111,20 @@ def report(runs: list[dict], scope: str) -> str:
     G, MB = 1e9, 2**20
     what = "LoRA r=32 on q,k,v,up,down" if scope == "adapter" else "full fine-tuning (irtuning_scope: full)"
     train = f"{first['batch']}×{first['seq']} tokens"
+    real = [r for r in runs if not r.get("replay")]
     lines = [
         f"### Counted costs per optimizer step: {first.get('model', '?')}, {what}", "",
         f"Generated {datetime.date.today()} by `python benchmarks/cost_table.py --out "
         f"benchmarks/results/costs-smollm2 --report` (runs: the same command without `--report`) on "
-        f"{platform.machine()}, torch {first['torch']}. Real training steps ({train} per step, AdamW, seed 1) "
-        f"give the selections and the byte accounts; every selected set's FLOPs and saved bytes are counted "
-        f"at {first['count_batch']}×{first['count_seq']} tokens on the meta device (math attention kernel; "
-        f"checked equal to a CPU count by tests/test_cost_count.py). Ratios are to `all` in this table. "
-        f"Wall time and RSS were taken on a shared 2-core machine (load average "
-        f"{statistics.mean(r['load_avg'][0] for r in runs):.1f}): read them as indications only.", "",
+        f"{platform.machine()}, torch {first['torch']}. Steps: *trained* = real training steps ({train} per "
+        f"step, AdamW lr 2e-4, seed 1), for the strategies that read gradients; *replayed* = the same engine "
+        f"and AdamW with zero gradients instead of forward/backward (`cost_count.py --replay`), for those "
+        f"that never do, so their selections and byte accounts are a real run's. Every selected set's FLOPs "
+        f"and saved bytes are counted at {first['count_batch']}×{first['count_seq']} tokens on the meta "
+        f"device (math attention kernel; equal to a CPU count, tests/test_cost_count.py). Ratios are to "
+        f"`all` in this table. Step time and RSS of the trained runs were taken on a shared 2-core machine "
+        f"(load average {statistics.mean(r['load_avg'][0] for r in (real or runs)):.1f}) at {train} per "
+        f"step: indications only.", "",
         "| variant | steps | layers/step (min-med-max) | lowest trained (min-med) | fwd GFLOP | bwd GFLOP (median) "
         "| bwd vs all | saved for backward MB | saved vs all | grads + Adam on device MB (median / max) "
         "| vs all | kept off device by `cpu` MB (max) | Adam state MB (max) | step s | score+select ms (share) "
@@ -128,13 +138,14 @@ def report(runs: list[dict], scope: str) -> str:
             extra.append(f"cut {s['cut']}")
         label = f"{name}" + (f" ({', '.join(extra)})" if extra else "")
         lines.append(
-            f"| {label} | {len(s['layers'])} | {min(s['layers'])}-{statistics.median(s['layers']):g}-"
+            f"| {label} | {len(s['layers'])} {'replayed' if s['replay'] else 'trained'} | {min(s['layers'])}-{statistics.median(s['layers']):g}-"
             f"{max(s['layers'])} | {min(s['lowest'])}-{statistics.median(s['lowest']):g} | {s['fwd'] / G:.1f} "
             f"| {s['bwd'] / G:.1f} | {_x(s['bwd'], base and base['bwd'])} | {s['saved'] / MB:.0f} "
             f"| {_x(s['saved'], base and base['saved'])} | {s['resident'] / MB:.1f} / {s['resident_max'] / MB:.1f} "
             f"| {_x(s['resident_max'], base and base['resident_max'])} | {s['offloaded'] / MB:.1f} "
-            f"| {s['state'] / MB:.1f} | {s['wall']:.1f} | {s['engine_ms']:.1f} ({100 * s['engine_share']:.2f}%) "
-            f"| {s['rss'] / MB:.0f} |")
+            f"| {s['state'] / MB:.1f} | " + ("- | - | - |" if s["replay"] else
+            f"{s['wall']:.1f} | {s['engine_ms']:.1f} ({100 * s['engine_share']:.2f}%, max "
+            f"{100 * s['engine_share_max']:.2f}%) | {s['rss'] / MB:.0f} |"))
     return "\n".join(lines)
 
 
@@ -218,13 +229,13 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     runs_path = out / "runs.jsonl"
     if not a.report:
-        for scope in a.scopes:
-            for name, spec in (LORA if scope == "adapter" else FULL).items():
-                if a.only and name not in a.only:
-                    continue
-                result = run_variant(name, scope, spec, a, out)
-                with open(runs_path, "a") as fh:
-                    fh.write(json.dumps(result) + "\n")
+        todo = [(scope, name) for scope in a.scopes for name in (LORA if scope == "adapter" else FULL)]
+        if a.only:  # in the order given; "full:NAME" / "adapter:NAME" picks one scope
+            todo = [(sc, n) for item in a.only for sc, n in todo if item in (n, f"{sc}:{n}")]
+        for scope, name in todo:
+            result = run_variant(name, scope, (LORA if scope == "adapter" else FULL)[name], a, out)
+            with open(runs_path, "a") as fh:
+                fh.write(json.dumps(result) + "\n")
     runs = {}
     for line in runs_path.read_text().splitlines():
         if line.strip():
