@@ -157,7 +157,7 @@ def lisa_redraws(runs: list[dict]) -> str:
     MB = 2**20
     names = sorted(rs)
     lines = ["#### LISA, full fine-tuning: gradient + Adam bytes on the training device over the re-draws", "",
-             "Same command. `n_layers: 2`, `interval: 2` (a re-draw every 2 steps, so 12 steps hold 6 draws); "
+             "Same command. `n_layers: 2`, `interval: 2` (a re-draw every 2 steps, so 10 steps hold 5 draws); "
              "embeddings/head train throughout (`train_outside: true`, the paper's setting).", "",
              "| step | trained layers | " + " | ".join(f"{n}: on device MB" for n in names) + " |",
              "|---|---|" + "---|" * len(names)]
