@@ -40,6 +40,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="irtuning://smollm2-135m-instruct")
     p.add_argument("--out", required=True)
     p.add_argument("--png", default=str(HERE / "salf-smollm2.png"))
+    p.add_argument("--results-md", default=str(HERE / "RESULTS.md"), help="'' to leave RESULTS.md alone")
     a = p.parse_args(argv)
     model_dir = resolve_reference(a.model)
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -77,12 +78,33 @@ def main(argv=None) -> int:
         out[metric] = res
     Path(a.out).write_text(json.dumps(out, indent=1))
     plot(out, Path(a.png))
+    if a.results_md:
+        from cost_table import write_section
+
+        write_section(table(out), "salf", Path(a.results_md))
     for metric in ("logit_lens", "vocab_semantics"):
         for est in ("raw", "power_law"):
             r = out[metric][est]
             print(f"{metric} {est}: cut {r['included']['cut']} with latent space 0, {r['excluded']['cut']} without")
     print("latent space 0: top-1 is the input token for", f"{out['space0_top1_is_input_token']:.1%}", "of tokens")
     return 0
+
+
+def table(out: dict) -> str:
+    L = out["num_layers"]
+    lines = [f"{out['model']}: {L} layers, tied head: {out['tied_head']}; through the head, latent space 0's top "
+             f"token is the input token itself at {out['space0_top1_is_input_token']:.1%} of the positions.", "",
+             "| metric | d[0] (embedding) | d[1] | d[L] | estimator | layer 0's gain | largest other gain "
+             "| cut with latent space 0 | cut without (layers trained) |", "|---|---|---|---|---|---|---|---|---|"]
+    for metric in ("logit_lens", "vocab_semantics"):
+        d = out[metric]["deviation"]
+        for est in ("raw", "power_law"):
+            r = out[metric][est]
+            g = r["included"]["gains"]
+            cut_ex = r["excluded"]["cut"]
+            lines.append(f"| {metric} | {d[0]:.2f} | {d[1]:.2f} | {d[L]:.2f} | {est} | {g[0]:.2f} | "
+                         f"{max(g[1:]):.2f} | {r['included']['cut']} | {cut_ex} ({L - 1 - cut_ex}) |")
+    return "\n".join(lines)
 
 
 def plot(out: dict, path: Path) -> None:
