@@ -2,7 +2,8 @@
 
     irtuning prepare [--tiny]               build/convert the model(s) and the data set, print their paths
     irtuning demo [--max-steps N]           eval before, `axolotl train` the demo recipe, eval after, summary
-    irtuning eval --model M [--adapter A]   label-scoring accuracy / macro-F1 on a split
+    irtuning eval --model M [--adapter A]   accuracy, macro P/R/F1, per-class table, confusion matrix
+    irtuning convert iterater|argrevision SRC OUT   the paper's released files -> our records + manifest
     irtuning summary OUTPUT_DIR             what the selection did in a finished run
     irtuning keys                           every irtuning_* key with its default (markdown table)
 """
@@ -139,6 +140,23 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_convert(args) -> int:
+    from irtuning_plugin.converters import CONVERTERS, ConversionError
+
+    kwargs = {"seed": args.seed} if args.dataset == "argrevision" else {}
+    try:
+        manifest = CONVERTERS[args.dataset](args.src, args.out, **kwargs)
+    except ConversionError as err:
+        print(f"irtuning convert: {err}", file=sys.stderr)
+        return 2
+    for split, counts in manifest["counts"].items():
+        per_label = ", ".join(f"{lab} {n}" for lab, n in counts.items() if lab != "total")
+        dropped = ", ".join(f"{lab} {n}" for lab, n in manifest["dropped"][split].items()) or "none"
+        print(f"{split:5s} {counts['total']:5d} records ({per_label}); dropped: {dropped}")
+    print(f"wrote {Path(args.out).resolve()} (manifest.json: counts, sha256 of sources and outputs)")
+    return 0
+
+
 KEYS_START, KEYS_END = "<!-- keys:start -->", "<!-- keys:end -->"
 
 
@@ -190,6 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--limit", type=int, default=None)
     sp.add_argument("--json", default=None, help="write the metrics here")
     sp.set_defaults(func=_cmd_eval)
+    sp = sub.add_parser("convert", help="convert the paper's released data files into our records")
+    sp.add_argument("dataset", choices=("iterater", "argrevision"))
+    sp.add_argument("src", help="iterater: the folder with train.json, dev.json, test.json; "
+                    "argrevision: revision_purpose.xlsx (or a .csv of it)")
+    sp.add_argument("out", help="output folder (replaced): train/val/test.jsonl + manifest.json")
+    sp.add_argument("--seed", type=int, default=171, help="argrevision: seed of the reference's 80/10/10 split")
+    sp.set_defaults(func=_cmd_convert)
     sp = sub.add_parser("summary", help="summarise a finished run's selection")
     sp.add_argument("output_dir")
     sp.set_defaults(func=_cmd_summary)
