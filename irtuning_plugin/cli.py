@@ -177,8 +177,11 @@ def _cmd_train_seqcls(args) -> int:
     training = {k: v for k, v in (("max_steps", args.max_steps), ("num_train_epochs", args.epochs),
                                   ("per_device_train_batch_size", args.batch_size), ("learning_rate", args.lr),
                                   ("warmup_steps", args.warmup_steps), ("seed", args.seed)) if v is not None}
+    import torch
+
     res = train_seq_cls(resolve_reference(args.model), args.data or revision_data_dir(), args.output,
-                        selection=selection, settings=SeqClsSettings(full_finetune=args.full), training=training)
+                        selection=selection, settings=SeqClsSettings(full_finetune=args.full), training=training,
+                        dtype=getattr(torch, args.dtype))
     print(f"trained {res['steps']} steps, training loss {res['train_loss']:.4f}; saved to {res['output_dir']}")
     return 0
 
@@ -276,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--lr", type=float, default=None, help="default 2e-4 (the paper)")
     sp.add_argument("--warmup-steps", type=int, default=None, help="default 100 (the paper)")
     sp.add_argument("--seed", type=int, default=None, help="default 171 (the paper)")
+    sp.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                    help="weights' dtype (bfloat16 for 7-8B models on a GPU)")
     sp.set_defaults(func=_cmd_train_seqcls)
     sp = sub.add_parser("summary", help="summarise a finished run's selection")
     sp.add_argument("output_dir")

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from irtuning_plugin.revision_task import INTENTION, LABELS, RevisionTask, label_completion
+from irtuning_plugin.revision_task import INTENTION, LABELS, RevisionTask, completion_text
 
 LOG = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def classification_metrics(gold: Sequence[str], pred: Sequence[str], labels: Seq
 @torch.no_grad()
 def label_logprobs_naive(model, tokenizer, prompts: Sequence[str], labels: Sequence[str] = LABELS) -> torch.Tensor:
     """Reference: one full forward per (prompt, label) pair. Slow; for tests."""
-    label_ids = [tokenizer(label_completion(lab), add_special_tokens=False)["input_ids"] for lab in labels]
+    label_ids = [tokenizer(completion_text(lab), add_special_tokens=False)["input_ids"] for lab in labels]
     device = next(model.parameters()).device
     out = torch.empty(len(prompts), len(labels), dtype=torch.float64)
     for i, prompt in enumerate(prompts):
@@ -171,7 +171,7 @@ def label_logprobs(model, tokenizer, prompts: Sequence[str], labels: Sequence[st
     logits for the prompt.
     """
     device = next(model.parameters()).device
-    label_ids = [tokenizer(label_completion(lab), add_special_tokens=False)["input_ids"] for lab in labels]
+    label_ids = [tokenizer(completion_text(lab), add_special_tokens=False)["input_ids"] for lab in labels]
     n_lab, l_max = len(label_ids), max(len(x) for x in label_ids)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     lab = torch.full((n_lab, l_max), pad, dtype=torch.long)

@@ -11,6 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+def completion_text(label: str) -> str:
+    """A label as the continuation of its prompt: after one space (every task)."""
+    return " " + label
+
+
 @dataclass(frozen=True)
 class RevisionTask:
     name: str
@@ -27,7 +32,7 @@ class RevisionTask:
         tokenizer side: Axolotl appends EOS to the last segment when asked, evaluation scores without it)."""
         if label not in self.labels:
             raise ValueError(f"unknown {self.name} label {label!r}; allowed: {', '.join(self.labels)}")
-        return " " + label
+        return completion_text(label)
 
     def to_segments(self, original: str, revised: str, label: str) -> list[dict]:
         """Axolotl ``type: input_output`` record: the prompt is masked, only the label trains."""

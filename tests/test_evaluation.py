@@ -77,6 +77,11 @@ def test_eval_cli_on_converted_data_with_both_setups(tmp_path, tiny_model_dir, c
 
     assert main(["convert", "argrevision", str(fixtures / "argrevision" / "revision_purpose.csv"),
                  str(tmp_path / "arg")]) == 0
+    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(tmp_path / "arg"), "--report-dir",
+                 str(tmp_path / "rep-arg")]) == 0  # completion setup on a six-label task
+    assert "completion (label scoring) on argument-revision-purpose test" in capsys.readouterr().out
+    arg = json.loads((tmp_path / "rep-arg" / "eval.json").read_text())
+    assert len(arg["labels"]) == 6 and {p["predicted"] for p in arg["predictions"]} <= set(arg["labels"])
     assert main(["train-seqcls", "--model", str(tiny_model_dir), "--data", str(tmp_path / "arg"), "--output",
                  str(tmp_path / "cls"), "--strategy", "ir", "--max-steps", "2", "--batch-size", "4",
                  "--warmup-steps", "0", "--set", "irtuning_heatmap=false"]) == 0

@@ -161,7 +161,7 @@ def tiny_runs(tmp_path_factory, tiny_model_dir):
             "overrides": {
                 "base_model": str(tiny_model_dir),
                 "datasets": [{"path": str(work / "data" / "train.jsonl"), "ds_type": "json", "type": "input_output"}],
-                "output_dir": str(work / tag), "dataset_prepared_path": str(work / "prepared" / tag),
+                "output_dir": str(work / tag), "dataset_prepared_path": str(work / "prepared"),  # hashed by Axolotl
                 "micro_batch_size": 2, "max_steps": 2, "bf16": False, "tf32": False, "logging_steps": 1,
                 "lora_mlp_kernel": False, "lora_qkv_kernel": False, "lora_o_kernel": False,
                 "dataloader_num_workers": 0, "save_strategy": "no",

@@ -159,3 +159,24 @@ def test_salf_reads_a_classifier_through_its_head(tiny_model_dir, small_data):
     assert curve.deviation[-1] == pytest.approx(loss, rel=1e-5)
     with pytest.raises(CalibrationError, match="irtuning_salf_metric='vocab_semantics' reads through a vocabulary"):
         deviation_curve(model, layers, [batch], metric="vocab_semantics")
+
+
+@pytest.mark.slow
+def test_setup_comparison_benchmark_runs(tmp_path, tiny_model_dir):
+    """benchmarks/compare_setups.py on the tiny model: both setups train the same steps and report."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "compare_setups.py"
+    out = tmp_path / "setups.json"
+    proc = subprocess.run([sys.executable, "-P", str(script), "--model", str(tiny_model_dir), "--steps", "2",
+                           "--eval-n", "5", "--out", str(out)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    for name in ("completion", "seq_cls"):
+        s = res["setups"][name]
+        assert s["steps"] == 2 and len(s["layers_per_step"]) == 2 and s["after"]["n"] == 5
+    assert res["setups"]["seq_cls"]["head_params"] == 5 * 64 and res["setups"]["completion"]["head_params"] == 0
