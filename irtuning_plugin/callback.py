@@ -65,8 +65,21 @@ class LayerSelectionCallback(TrainerCallback):
             original_clip = accelerator.clip_grad_norm_
 
             def clip_grad_norm_(parameters, *args, **kwargs):
-                self.engine.collect_scores()
-                return original_clip(parameters, *args, **kwargs)
+                unscaled = _unscale_fp16_gradients(accelerator)
+                self.engine.collect_scores(step_skipped=_fp16_step_will_be_skipped(accelerator, self.engine))
+                if not unscaled:
+                    return original_clip(parameters, *args, **kwargs)
+                # accelerate's clip_grad_norm_ unscales first, and a second unscale_ in one step raises:
+                # the gradients are unscaled already, so let that call pass.
+                own = accelerator.__dict__.get("unscale_gradients")
+                accelerator.unscale_gradients = lambda optimizer=None: None
+                try:
+                    return original_clip(parameters, *args, **kwargs)
+                finally:
+                    if own is None:
+                        del accelerator.unscale_gradients
+                    else:
+                        accelerator.unscale_gradients = own
 
             accelerator.clip_grad_norm_ = clip_grad_norm_
         original_log = trainer.log
@@ -100,7 +113,9 @@ class LayerSelectionCallback(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self.engine is not None and not self.engine.scored_this_step:
-            self.engine.collect_scores()
+            # The Trainer's clip_grad_norm_ has run (it always does), so fp16 gradients are unscaled here.
+            accelerator = getattr(self.trainer, "accelerator", None)
+            self.engine.collect_scores(step_skipped=_fp16_step_will_be_skipped(accelerator, self.engine))
         return control
 
     def on_step_end(self, args, state, control, train_dataloader=None, **kwargs):
@@ -117,6 +132,8 @@ class LayerSelectionCallback(TrainerCallback):
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
+        if self.engine is not None:
+            self.engine.close()
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
@@ -148,6 +165,30 @@ class LayerSelectionCallback(TrainerCallback):
         }
         with open(self._output_dir / RUN_SUMMARY, "w", encoding="utf-8") as fh:
             json.dump(summary, fh, indent=1, default=str)
+
+
+def _fp16_scaler(accelerator: Any):
+    scaler = getattr(accelerator, "scaler", None)
+    return scaler if scaler is not None and scaler.is_enabled() else None
+
+
+def _unscale_fp16_gradients(accelerator: Any) -> bool:
+    """Under fp16 mixed precision, unscale the gradients now (as accelerate's clip_grad_norm_ would do a
+    moment later), so scores are of the true gradients, not of gradients times the loss scale.
+    True when this call unscaled them."""
+    if _fp16_scaler(accelerator) is None:
+        return False
+    accelerator.unscale_gradients()
+    return True
+
+
+def _fp16_step_will_be_skipped(accelerator: Any, engine: LayerSelectionEngine) -> bool:
+    """True when the fp16 loss scaler found inf/NaN gradients while unscaling: it will skip this step."""
+    scaler = _fp16_scaler(accelerator)
+    if scaler is None or engine.optimizer is None:
+        return False
+    state = getattr(scaler, "_per_optimizer_states", {}).get(id(engine.optimizer), {})
+    return any(float(v.sum()) > 0 for v in state.get("found_inf_per_device", {}).values())
 
 
 def attach_layer_selection(trainer: Any, config: SelectionConfig | None = None) -> LayerSelectionCallback:

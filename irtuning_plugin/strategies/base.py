@@ -72,6 +72,12 @@ class SelectionStrategy:
         score = per_layer.sqrt()
         return torch.where(torch.isfinite(score), score, torch.full_like(score, SENTINEL_SCORE))
 
+    def step_scores(self, per_tensor_sq: torch.Tensor, layer_ids: torch.Tensor,
+                    grad_measured: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's scores and which layers they measured; default: :meth:`layer_scores` of the layers
+        that have gradients. A metric that is not a gradient (e.g. ``ir``'s cosine) overrides this."""
+        return self.layer_scores(per_tensor_sq, layer_ids), grad_measured
+
     def select(self, ctx: SelectionContext) -> Sequence[int]:
         raise NotImplementedError
 
