@@ -22,7 +22,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from irtuning_plugin.config import SelectionConfig
+from irtuning_plugin.config import SelectionConfig, check_training_setup
 from irtuning_plugin.engine import LayerSelectionEngine
 
 LOG = logging.getLogger(__name__)
@@ -34,8 +34,10 @@ RUN_SUMMARY = "irtuning_run.json"
 
 class LayerSelectionCallback(TrainerCallback):
     def __init__(self, config: SelectionConfig, model: Any = None, *, trainer: Any = None,
-                 engine: LayerSelectionEngine | None = None):
+                 engine: LayerSelectionEngine | None = None, console_log: logging.Logger | None = None):
         self.config = config.check()
+        # where the few lines a user must see go (Axolotl's console drops other packages' INFO records)
+        self.console_log = console_log or LOG
         self.trainer = trainer
         self.model = model if model is not None else getattr(trainer, "model", None)
         self.engine = engine
@@ -94,6 +96,11 @@ class LayerSelectionCallback(TrainerCallback):
 
     # ---- callback events ---------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
+        trainer = self.trainer  # DeepSpeed/FSDP may also come from accelerate's config, not the arguments
+        check_training_setup(
+            self.config, torch_compile=getattr(args, "torch_compile", None),
+            deepspeed=getattr(args, "deepspeed", None) or getattr(trainer, "is_deepspeed_enabled", False),
+            fsdp=getattr(args, "fsdp", None) or getattr(trainer, "is_fsdp_enabled", False))
         self._build_engine(args, model)
         self._patch_trainer()
         if self.config.score_gradients == "unclipped" and self.trainer is None and args.max_grad_norm:
@@ -102,8 +109,10 @@ class LayerSelectionCallback(TrainerCallback):
                         "ones as the reference does", args.max_grad_norm)
         self._is_main = bool(getattr(state, "is_world_process_zero", True))
         self.engine.begin(optimizer, train_dataloader)
-        LOG.info("irtuning: strategy %s on %s; step 1 trains layers %s", self.config.strategy,
-                 self.engine.layer_map.describe(), self.engine.active)
+        self.console_log.info(
+            "irtuning: strategy %s on %s; backprop %s; step 1 trains layers %s", self.config.strategy,
+            self.engine.layer_map.describe(),
+            _backprop_note(self.engine), self.engine.active)
         if self._is_main and args.output_dir:
             self._output_dir = Path(args.output_dir)
             self._output_dir.mkdir(parents=True, exist_ok=True)
@@ -165,6 +174,14 @@ class LayerSelectionCallback(TrainerCallback):
         }
         with open(self._output_dir / RUN_SUMMARY, "w", encoding="utf-8") as fh:
             json.dump(summary, fh, indent=1, default=str)
+
+
+def _backprop_note(engine: LayerSelectionEngine) -> str:
+    if engine.backward_cut:
+        return "cut (the input-grad hook is removed; it stops at the lowest trained layer)"
+    if engine._input_grad_hooks():
+        return "not cut (the input-grad hook stays; it runs down to layer 0)"
+    return "stops at the lowest trained layer (no input-grad hook)"
 
 
 def _fp16_scaler(accelerator: Any):
