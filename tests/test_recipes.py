@@ -107,11 +107,13 @@ def test_meta_validation_refuses_options_the_architecture_cannot_take(model):
 def _key_table() -> dict[str, object]:
     text = (REPO / "README.md").read_text()
     table = text.split("<!-- keys:start -->", 1)[1].split("<!-- keys:end -->", 1)[0]
+    rows = [[c.strip() for c in line.strip().strip("|").split(" | ")] for line in table.splitlines() if line.startswith("|")]
+    col = rows[0].index("default")  # the table's columns may grow; find the one that holds the default
     out = {}
-    for line in table.splitlines():
-        m = re.match(r"\| `(irtuning_[a-z0-9_]+)` \| `(.*?)` \|", line)
-        if m:
-            out[m.group(1)] = eval(m.group(2), {"None": None, "True": True, "False": False})  # noqa: S307 - our table
+    for row in rows[2:]:
+        key = re.fullmatch(r"`(irtuning_[a-z0-9_]+)`", row[0])
+        if key:
+            out[key.group(1)] = eval(row[col].strip("`"), {"None": None, "True": True, "False": False})  # noqa: S307
     return out
 
 
