@@ -52,7 +52,9 @@ INTENTION = RevisionTask(
 )
 
 # ArgRevision's revision purposes ("claim" dropped, as in the reference), in the reference's order. The
-# released sheet spells two of them "LCE" / "not LCE"; the converter writes them out.
+# released sheet spells two of them "LCE" / "not LCE"; the converter writes them out. (The reference builds
+# its ArgRevision val/test prompts with the ITERATER instruction, a slip; ours use this task's prompt in every
+# split.)
 ARGUMENT_PURPOSE = RevisionTask(
     name="argument-revision-purpose",
     labels=("relevant", "irrelevant", "already exists", "linked claim-evidence", "not linked claim-evidence",
