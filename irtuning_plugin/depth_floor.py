@@ -150,6 +150,36 @@ class FlooredStrategy(SelectionStrategy):
             out[self.floor:] = self.inner.layer_scores(sq, layer_ids.cpu()[keep] - self.floor)
         return out
 
+    def step_scores(self, per_tensor_sq: torch.Tensor, layer_ids: torch.Tensor,
+                    grad_measured: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.floor
+        keep = layer_ids.cpu() >= f
+        sq = per_tensor_sq[keep.to(per_tensor_sq.device)] if per_tensor_sq.numel() else per_tensor_sq
+        inner_scores, inner_fresh = self.inner.step_scores(sq, layer_ids.cpu()[keep] - f, grad_measured[f:])
+        scores = torch.full((self.num_layers,), SENTINEL_SCORE, dtype=torch.float64)
+        scores[f:] = inner_scores.detach().double().cpu()
+        fresh = torch.zeros(self.num_layers, dtype=torch.bool)
+        fresh[f:] = inner_fresh.cpu()
+        return scores, fresh
+
+    def state_dict(self) -> dict[str, Any]:
+        inner = self.inner.state_dict() if self.inner is not None else {}
+        return {"depth_floor": self.floor, "inner": inner, "report": dict(self._report)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        floor = int(state["depth_floor"])
+        if self.inner is None:  # floor from salf: the checkpoint's, not a new calibration
+            self._report.update(state.get("report") or {})
+            self._build(check_floor_depth(floor, self.num_layers, " (from the checkpoint)"))
+            self.setup(self._engine)
+        elif floor != self.floor:
+            raise StrategyConfigError(f"the checkpoint was trained with {KEY}={floor}, this run has {self.floor}: "
+                                      f"resume with the same {KEY}")
+        self._logged = True
+        self.inner.load_state_dict(state.get("inner") or {})
+
     def log_fields(self) -> dict[str, Any]:
         row = dict(self.inner.log_fields()) if self.inner is not None else {}
         if not self._logged and self._report:
