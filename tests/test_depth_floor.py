@@ -131,8 +131,8 @@ def test_floor_from_salf_is_the_salf_cut_plus_one(tmp_path):
 
 @pytest.mark.parametrize("value,message", [
     (-1, "irtuning_depth_floor=-1; allowed: a whole number of layers >= 0, or 'salf'"),
-    (True, "irtuning_depth_floor=True; allowed: a whole number of layers >= 0, or 'salf'"),
-    ("deep", "irtuning_depth_floor='deep'; allowed: a whole number of layers >= 0, or 'salf'"),
+    (True, "irtuning_depth_floor=True; must be a whole number or salf"),  # the key's type (config.py)
+    ("deep", "irtuning_depth_floor='deep'; must be a whole number or salf"),
 ])
 def test_bad_floor_refused_with_one_line(value, message):
     with pytest.raises(StrategyConfigError) as err:
