@@ -160,3 +160,16 @@ def test_floor_checked_against_the_model():
         LayerSelectionEngine(model, cfg)
     assert LayerSelectionEngine(model, config_from_flat({"irtuning_strategy": "ir", "irtuning_depth_floor": 0})
                                 ).strategy.name == "ir"
+
+
+def test_floor_from_salf_survives_a_checkpoint(tmp_path):
+    """A resumed run keeps the floor it calibrated (no new calibration: none is possible without data)."""
+    cb, _ = run(tmp_path, "ir", floor="salf", steps=3)
+    state = cb.engine.state_dict()
+    model = tiny_peft_llama(num_layers=L)
+    engine = LayerSelectionEngine(model, SelectionConfig(strategy="ir", depth_floor="salf"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    engine.begin(opt, None, state=state)
+    assert engine.strategy.floor == cb.engine.strategy.floor == state["strategy_state"]["depth_floor"]
+    assert engine.active == cb.engine.active and min(engine.active) >= engine.strategy.floor
+    assert engine.end_step(4)["next_active"] == cb.engine.end_step(4)["next_active"]
