@@ -67,7 +67,7 @@ def evaluate_task(model, tokenizer, records: list[dict], labels: list[str]):
     from irtuning_plugin.evaluation import classification_metrics, label_logprobs
 
     prompts = [r["segments"][0]["text"] for r in records]
-    scores = label_logprobs(model, tokenizer, prompts, labels, batch_size=8, completion=lambda lab: " " + lab)
+    scores = label_logprobs(model, tokenizer, prompts, labels, batch_size=8)
     pred = [labels[i] for i in scores.argmax(dim=1).tolist()]
     return classification_metrics([r["label"] for r in records], pred, labels)
 

@@ -22,15 +22,22 @@ on the normed space) at the positions that are trained (``labels[:, t + 1] != -1
   unrelated directions have unit variance whatever the hidden size ``d``.
 
 Logits are fp32 and built for at most ``LOGIT_ELEMENTS / V`` token rows at a time.
+
+A sequence-classification model (class-index labels, one per example; a ``score``/``classifier`` head
+instead of an LM head) is read the same way through its own head: ``logit_lens`` puts the hidden state of
+each example's last non-padding token through the final norm and the classification head, and the
+deviation is the cross-entropy of the gold class (the last point is the model's loss).
+``vocab_semantics`` needs a vocabulary and is refused there.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -41,6 +48,7 @@ LOG = logging.getLogger(__name__)
 
 METRICS = ("logit_lens", "vocab_semantics")
 ESTIMATORS = ("power_law", "raw")
+EMBEDDING_SPACE = ("auto", "include", "exclude")
 IGNORE_INDEX = -100
 LOGIT_ELEMENTS = 1 << 25  # fp32 logits of one chunk: 128 MiB (≈680 rows at a 49k vocabulary)
 _FINAL_NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "final_norm", "norm_f")
@@ -82,6 +90,13 @@ def find_final_norm(model: nn.Module) -> nn.Module:
     LOG.warning("irtuning salf: no final norm found on %s; latent spaces are read without one",
                 type(base).__name__)
     return nn.Identity()
+
+
+def head_is_tied(model: nn.Module) -> bool:
+    """True when the LM head reuses the input embedding matrix (``tie_word_embeddings``)."""
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    hw, ew = getattr(head, "weight", None), getattr(emb, "weight", None)
+    return hw is not None and ew is not None and (hw is ew or (hw.shape == ew.shape and hw.data_ptr() == ew.data_ptr()))
 
 
 def _lm_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -153,6 +168,49 @@ class _Reader:
         return total
 
 
+_CLASSIFIER_HEADS = ("score", "classifier")
+
+
+def classifier_head(model: nn.Module) -> nn.Module | None:
+    """The classification head of a sequence-classification model (PEFT's wrapper of it included)."""
+    base = _base_model(model)
+    for name in _CLASSIFIER_HEADS:
+        head = getattr(base, name, None)
+        if isinstance(head, nn.Module):
+            return head
+    return None
+
+
+class _ClassReader:
+    """Cross-entropy of the gold class through the final norm and the classification head."""
+
+    def __init__(self, model: nn.Module, metric: str):
+        if metric != "logit_lens":
+            raise CalibrationError(f"irtuning_salf_metric={metric!r} reads through a vocabulary, which a "
+                                   f"sequence-classification model does not have; use irtuning_salf_metric: logit_lens")
+        self.norm = find_final_norm(model)
+        self.head = classifier_head(model)
+        params = list(self.head.parameters())
+        self.device = params[0].device
+        norm_params = list(self.norm.parameters())
+        self.norm_dtype = norm_params[0].dtype if norm_params else None
+
+    def ce_sum(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        h = hidden.to(self.norm_dtype) if self.norm_dtype is not None else hidden
+        logits = self.head(self.norm(h)).float()
+        return F.cross_entropy(logits, targets.to(logits.device), reduction="sum").double().to(self.device)
+
+
+def _last_token_positions(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Index of each row's last non-padding token, found as transformers' classifiers find it."""
+    ids = batch["input_ids"]
+    pad = getattr(getattr(_base_model(model), "config", None), "pad_token_id", None)
+    if pad is None:
+        return torch.full((ids.shape[0],), ids.shape[1] - 1, dtype=torch.long, device=ids.device)
+    idx = torch.arange(ids.shape[1], device=ids.device)
+    return (idx * (ids != pad)).argmax(-1)
+
+
 # ---- the calibration pass ------------------------------------------------------------------------
 @dataclass
 class DeviationCurve:
@@ -193,12 +251,21 @@ def deviation_curve(model: nn.Module, layers: Sequence[nn.Module], batches: Iter
     ``model`` is the (PEFT-wrapped) causal LM, ``layers`` its decoder blocks in order. Runs in eval mode
     without gradients; every module's train/eval flag is restored afterwards.
     """
-    reader = _Reader(model, metric, temperature)
+    batches = iter(batches)
+    first = next(batches, None)
+    labels = first.get("labels") if isinstance(first, Mapping) else None
+    classify = isinstance(labels, torch.Tensor) and labels.dim() == 1 and classifier_head(model) is not None
+    reader = _ClassReader(model, metric) if classify else _Reader(model, metric, temperature)
+    batches = [] if first is None else itertools.chain([first], batches)
     L = len(layers)
     sums = torch.zeros(L + 1, dtype=torch.float64, device=reader.device)
     state: dict[str, Any] = {}
 
     def read(space: int, hidden: torch.Tensor) -> None:
+        if classify:
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            sums[space] += reader.ce_sum(hidden[rows, state["positions"].to(hidden.device)], state["targets"])
+            return
         selected = hidden[:, :-1][state["positions"].to(hidden.device)]
         sums[space] += reader.ce_sum(selected, state["targets"])
 
@@ -222,7 +289,10 @@ def deviation_curve(model: nn.Module, layers: Sequence[nn.Module], batches: Iter
     try:
         for batch in batches:
             batch = {k: v.to(input_device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            positions, targets = _targets(batch)
+            if classify:
+                positions, targets = _last_token_positions(model, batch), batch["labels"]
+            else:
+                positions, targets = _targets(batch)
             count += 1
             if targets.numel() == 0:
                 continue
@@ -318,23 +388,27 @@ def cut_range(num_layers: int, min_trainable: int = 1, max_trainable: int | None
     return lo, hi
 
 
-def choose_cut(gains: Sequence[float], min_trainable: int = 1, max_trainable: int | None = None) -> int:
+def choose_cut(gains: Sequence[float], min_trainable: int = 1, max_trainable: int | None = None,
+               lowest: int = 0) -> int:
     """The layer of maximum gain among the cuts the bounds allow (ties: the lower layer, so more train).
 
     Layers ``0..cut`` freeze. ``−1`` (nothing frozen) only when ``min_trainable`` equals the layer count.
+    ``lowest``: layers below it are no candidates (their gain is not measured); the bounds win over it.
     """
     lo, hi = cut_range(len(gains), min_trainable, max_trainable)
     if hi < 0:
         return -1
-    lo = max(lo, 0)
+    lo = min(max(lo, 0, int(lowest)), hi)
     window = np.asarray(gains[lo:hi + 1], dtype=np.float64)
     return lo + int(np.argmax(window))
 
 
 # ---- the figure ------------------------------------------------------------------------------------
 def plot_calibration(deviation: Sequence[float], gains: Sequence[float], cut: int, path: str | Path, *,
-                     fit: PowerLawFit | None = None, title: str = "") -> Path:
-    """Deviation against latent space and gain against layer, frozen part shaded, cut marked."""
+                     fit: PowerLawFit | None = None, title: str = "", fit_from: int = 0) -> Path:
+    """Deviation against latent space and gain against layer, frozen part shaded, cut marked.
+
+    ``fit_from``: the first latent space the fit was made on (its ``k = 0``); a NaN gain is not drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -344,14 +418,14 @@ def plot_calibration(deviation: Sequence[float], gains: Sequence[float], cut: in
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(6.0, 2.0 + 0.25 * L), 6.5))
     ax1.plot(range(L + 1), deviation, marker="o", label="deviation (calibration)")
     if fit is not None:
-        ks = np.linspace(0, L, 200)
+        ks = np.linspace(fit_from, L, 200)
         sign = "+" if fit.c >= 0 else "−"
-        ax1.plot(ks, fit(ks), linestyle="--", label=f"fit {fit.a:.3g}·(k+1)^({-fit.b:.3g}) {sign} {abs(fit.c):.3g}")
+        ax1.plot(ks, fit(ks - fit_from), linestyle="--", label=f"fit {fit.a:.3g}·(k+1)^({-fit.b:.3g}) {sign} {abs(fit.c):.3g}")
     ax1.set_ylabel("deviation (mean CE)")
     ax1.set_xlabel("latent space k (0 = embeddings, k = output of layer k-1)")
     ax1.set_title(title or "SALF calibration")
     colours = ["tab:red" if layer == cut else ("tab:gray" if layer < cut else "tab:blue") for layer in range(L)]
-    ax2.bar(range(L), gains, color=colours)
+    ax2.bar(range(L), np.nan_to_num(np.asarray(gains, dtype=np.float64), nan=0.0), color=colours)
     ax2.axhline(0.0, color="black", linewidth=0.5)
     ax2.set_ylabel("gain")
     ax2.set_xlabel("layer l (maps latent space l to l+1)")
