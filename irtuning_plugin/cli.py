@@ -5,6 +5,8 @@
     irtuning eval --model M [--adapter A]   label-scoring accuracy / macro-F1 on a split
     irtuning summary OUTPUT_DIR             what the selection did in a finished run
     irtuning keys                           every irtuning_* key with its default (markdown table)
+    irtuning llamafactory train R.yaml [k=v ...]   LLaMA-Factory training with layer selection
+    irtuning llamafactory check R.yaml [k=v ...]   only validate the recipe
 """
 
 from __future__ import annotations
@@ -170,6 +172,27 @@ def _cmd_keys(args) -> int:
     return 0
 
 
+def _cmd_llamafactory(args) -> int:
+    from irtuning_plugin.llamafactory_integration import launcher
+
+    try:
+        cfg = launcher.load_recipe(args.recipe, args.overrides)
+        if args.action == "check":
+            config = launcher.check_recipe(launcher.resolve_recipe(cfg))
+            print(f"{args.recipe}: ok (irtuning_strategy {config.strategy}, scope {config.scope})")
+            return 0
+        launcher.check_recipe(cfg, meta_model=False)  # our keys before any asset is built
+    except ValueError as err:  # our configuration errors: one line, naming the key
+        print(f"irtuning llamafactory: error: {err}", file=sys.stderr)
+        return 2
+    callback = launcher.train(cfg)
+    if callback.engine is not None and callback.rows:
+        out = callback.trainer.args.output_dir if callback.trainer is not None else None
+        if out:
+            _print_summary(summarize_run(out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="irtuning", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -196,6 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("keys", help="print every irtuning_* key (markdown)")
     sp.add_argument("--write-readme", default=None, help="replace the key table between the markers of this file")
     sp.set_defaults(func=_cmd_keys)
+    sp = sub.add_parser("llamafactory", help="LLaMA-Factory training with layer selection (irtuning_* keys)")
+    sp.add_argument("action", choices=("train", "check"), help="train, or only validate the recipe")
+    sp.add_argument("recipe", help="a LLaMA-Factory training YAML with irtuning_* keys")
+    sp.add_argument("overrides", nargs="*", help="key=value overrides, as with llamafactory-cli train")
+    sp.set_defaults(func=_cmd_llamafactory)
     return p
 
 
