@@ -27,7 +27,7 @@ import os
 import sys
 import types
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
@@ -212,8 +212,11 @@ def trainer_capture(callback: Any):
         Trainer.__init__ = original
 
 
-def train(cfg: Mapping[str, Any], *, extra_callbacks: Iterable[Any] = ()) -> Any:
-    """Check, resolve and train; returns our callback (its ``rows`` and ``engine`` tell what happened)."""
+def train(cfg: Mapping[str, Any], *, watchers: Callable[[Any], Iterable[Any]] | None = None) -> Any:
+    """Check, resolve and train; returns our callback (its ``rows`` and ``engine`` tell what happened).
+
+    ``watchers(our_callback)`` may return more Trainer callbacks (tools and tests that observe the run).
+    """
     config = check_recipe(cfg, meta_model=False)
     resolved = resolve_recipe(cfg)
     check_recipe(resolved)  # now with the model's real layer count
@@ -222,7 +225,7 @@ def train(cfg: Mapping[str, Any], *, extra_callbacks: Iterable[Any] = ()) -> Any
 
     callback = _callback_class()(config)
     with trainer_capture(callback):
-        run_exp(llamafactory_args(resolved), callbacks=[callback, *extra_callbacks])
+        run_exp(llamafactory_args(resolved), callbacks=[callback, *(watchers(callback) if watchers else ())])
     if callback.engine is None or not callback.engine.started:
         raise RuntimeError("irtuning: LLaMA-Factory finished without starting the layer selection")
     return callback
