@@ -28,10 +28,10 @@ def test_entry_point_plugin_refuses_bad_keys_without_plugins_list(tiny_model_dir
         validate(base_cfg(tiny_model_dir, plugins=None, irtuning_ir_interval=0))
 
 
-def _tiny_run(tmp_path, tiny_model_dir, **over):
+def _tiny_run(tmp_path, tiny_model_dir, plugins=None, **over):
     data = slice_of_train(tmp_path, 48)
     cfg = base_cfg(
-        tiny_model_dir, plugins=None, datasets=[{"path": str(data), "ds_type": "json", "type": "input_output"}],
+        tiny_model_dir, plugins=plugins, datasets=[{"path": str(data), "ds_type": "json", "type": "input_output"}],
         output_dir=str(tmp_path / "out"), dataset_prepared_path=str(tmp_path / "prepared"), max_steps=8,
         micro_batch_size=4, learning_rate=5e-3, lr_scheduler="constant", logging_steps=1, save_strategy="no",
         val_set_size=0, train_on_inputs=False, seed=3, **over,
@@ -48,8 +48,11 @@ def test_entry_point_plugin_stays_off_without_irtuning_strategy(tmp_path, tiny_m
 
 
 @pytest.mark.slow
-def test_entry_point_plugin_trains_with_irtuning_strategy(tmp_path, tiny_model_dir):
-    _tiny_run(tmp_path, tiny_model_dir)
+@pytest.mark.parametrize("plugins", [None, ["irtuning_plugin.IRTuningPlugin"]], ids=["entry-point", "also-listed"])
+def test_entry_point_plugin_trains_with_irtuning_strategy(tmp_path, tiny_model_dir, plugins):
+    """Also listed under `plugins:` (another name than the entry point's), it must still run once."""
+    log = _tiny_run(tmp_path, tiny_model_dir, plugins=plugins)
+    assert log.count("irtuning: strategy ir enabled") == 1
     out = tmp_path / "out"
     rows = [json.loads(x) for x in (out / "irtuning_selection.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 9))
