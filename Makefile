@@ -61,7 +61,7 @@ bench: venv
 		--benchmark-json=benchmarks/results/bench-$(shell hostname)-$(shell date +%Y%m%d).json
 
 lint: venv
-	$(BIN)/ruff check irtuning_plugin kernels tests benchmarks
+	$(BIN)/ruff check irtuning_plugin kernels tests tests_llamafactory tests_axolotl021 benchmarks
 
 # Axolotl 0.21 (the newest release) needs Python >= 3.12; on cp312 the registry's torch 2.13.0 is the CUDA
 # build (runs on CPU). Not part of `make test`: see the README for its install time and when it last passed.

@@ -28,6 +28,18 @@ def test_entry_point_plugin_refuses_bad_keys_without_plugins_list(tiny_model_dir
         validate(base_cfg(tiny_model_dir, plugins=None, irtuning_ir_interval=0))
 
 
+def test_listed_and_entry_point_instances_act_once(tiny_model_dir):
+    """Listed under `plugins:` by its short name, the plugin is registered twice (that name and the entry
+    point's): one instance merges the args model and adds the callback, the other does nothing."""
+    from axolotl.integrations.base import PluginManager
+
+    cfg = validate(base_cfg(tiny_model_dir))  # plugins: [irtuning_plugin.IRTuningPlugin]
+    ours = [p for p in PluginManager.get_instance().plugins.values() if type(p).__name__ == "IRTuningPlugin"]
+    assert len(ours) == 2
+    assert [p.get_input_args() for p in ours].count(None) == 1
+    assert sum(len(p.add_callbacks_post_trainer(cfg, None)) for p in ours) == 1
+
+
 def _tiny_run(tmp_path, tiny_model_dir, plugins=None, **over):
     data = slice_of_train(tmp_path, 48)
     cfg = base_cfg(
@@ -42,17 +54,17 @@ def _tiny_run(tmp_path, tiny_model_dir, plugins=None, **over):
 @pytest.mark.slow
 def test_entry_point_plugin_stays_off_without_irtuning_strategy(tmp_path, tiny_model_dir):
     log = _tiny_run(tmp_path, tiny_model_dir, irtuning_strategy=None)
-    assert ENTRY in log  # Axolotl loaded it from the entry point ...
-    assert "irtuning: strategy" not in log  # ... and it did nothing
-    assert not (tmp_path / "out" / "irtuning_selection.jsonl").exists()
+    assert f"Plugin loaded successfully: {ENTRY}" in log  # Axolotl loaded it from the entry point ...
+    out = tmp_path / "out"  # ... and it did nothing
+    assert "8/8 [" in log  # the 8 training steps ran
+    assert not (out / "irtuning_selection.jsonl").exists() and not (out / "irtuning_run.json").exists()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("plugins", [None, ["irtuning_plugin.IRTuningPlugin"]], ids=["entry-point", "also-listed"])
 def test_entry_point_plugin_trains_with_irtuning_strategy(tmp_path, tiny_model_dir, plugins):
     """Also listed under `plugins:` (another name than the entry point's), it must still run once."""
-    log = _tiny_run(tmp_path, tiny_model_dir, plugins=plugins)
-    assert log.count("irtuning: strategy ir enabled") == 1
+    _tiny_run(tmp_path, tiny_model_dir, plugins=plugins)
     out = tmp_path / "out"
     rows = [json.loads(x) for x in (out / "irtuning_selection.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 9))
