@@ -22,7 +22,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from irtuning_plugin.config import SelectionConfig
+from irtuning_plugin.config import SelectionConfig, check_training_setup
 from irtuning_plugin.engine import LayerSelectionEngine
 
 LOG = logging.getLogger(__name__)
@@ -34,8 +34,10 @@ RUN_SUMMARY = "irtuning_run.json"
 
 class LayerSelectionCallback(TrainerCallback):
     def __init__(self, config: SelectionConfig, model: Any = None, *, trainer: Any = None,
-                 engine: LayerSelectionEngine | None = None):
+                 engine: LayerSelectionEngine | None = None, console_log: logging.Logger | None = None):
         self.config = config.check()
+        # where the few lines a user must see go (Axolotl's console drops other packages' INFO records)
+        self.console_log = console_log or LOG
         self.trainer = trainer
         self.model = model if model is not None else getattr(trainer, "model", None)
         self.engine = engine
@@ -65,8 +67,21 @@ class LayerSelectionCallback(TrainerCallback):
             original_clip = accelerator.clip_grad_norm_
 
             def clip_grad_norm_(parameters, *args, **kwargs):
-                self.engine.collect_scores()
-                return original_clip(parameters, *args, **kwargs)
+                unscaled = _unscale_fp16_gradients(accelerator)
+                self.engine.collect_scores(step_skipped=_fp16_step_will_be_skipped(accelerator, self.engine))
+                if not unscaled:
+                    return original_clip(parameters, *args, **kwargs)
+                # accelerate's clip_grad_norm_ unscales first, and a second unscale_ in one step raises:
+                # the gradients are unscaled already, so let that call pass.
+                own = accelerator.__dict__.get("unscale_gradients")
+                accelerator.unscale_gradients = lambda optimizer=None: None
+                try:
+                    return original_clip(parameters, *args, **kwargs)
+                finally:
+                    if own is None:
+                        del accelerator.unscale_gradients
+                    else:
+                        accelerator.unscale_gradients = own
 
             accelerator.clip_grad_norm_ = clip_grad_norm_
         original_log = trainer.log
@@ -81,6 +96,11 @@ class LayerSelectionCallback(TrainerCallback):
 
     # ---- callback events ---------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
+        trainer = self.trainer  # DeepSpeed/FSDP may also come from accelerate's config, not the arguments
+        check_training_setup(
+            self.config, torch_compile=getattr(args, "torch_compile", None),
+            deepspeed=getattr(args, "deepspeed", None) or getattr(trainer, "is_deepspeed_enabled", False),
+            fsdp=getattr(args, "fsdp", None) or getattr(trainer, "is_fsdp_enabled", False))
         self._build_engine(args, model)
         self._patch_trainer()
         if self.config.score_gradients == "unclipped" and self.trainer is None and args.max_grad_norm:
@@ -89,8 +109,10 @@ class LayerSelectionCallback(TrainerCallback):
                         "ones as the reference does", args.max_grad_norm)
         self._is_main = bool(getattr(state, "is_world_process_zero", True))
         self.engine.begin(optimizer, train_dataloader)
-        LOG.info("irtuning: strategy %s on %s; step 1 trains layers %s", self.config.strategy,
-                 self.engine.layer_map.describe(), self.engine.active)
+        self.console_log.info(
+            "irtuning: strategy %s on %s; backprop %s; step 1 trains layers %s", self.config.strategy,
+            self.engine.layer_map.describe(),
+            _backprop_note(self.engine), self.engine.active)
         if self._is_main and args.output_dir:
             self._output_dir = Path(args.output_dir)
             self._output_dir.mkdir(parents=True, exist_ok=True)
@@ -100,7 +122,9 @@ class LayerSelectionCallback(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self.engine is not None and not self.engine.scored_this_step:
-            self.engine.collect_scores()
+            # The Trainer's clip_grad_norm_ has run (it always does), so fp16 gradients are unscaled here.
+            accelerator = getattr(self.trainer, "accelerator", None)
+            self.engine.collect_scores(step_skipped=_fp16_step_will_be_skipped(accelerator, self.engine))
         return control
 
     def on_step_end(self, args, state, control, train_dataloader=None, **kwargs):
@@ -117,6 +141,8 @@ class LayerSelectionCallback(TrainerCallback):
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
+        if self.engine is not None:
+            self.engine.close()
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
@@ -148,6 +174,38 @@ class LayerSelectionCallback(TrainerCallback):
         }
         with open(self._output_dir / RUN_SUMMARY, "w", encoding="utf-8") as fh:
             json.dump(summary, fh, indent=1, default=str)
+
+
+def _backprop_note(engine: LayerSelectionEngine) -> str:
+    if engine.backward_cut:
+        return "cut (the input-grad hook is removed; it stops at the lowest trained layer)"
+    if engine._input_grad_hooks():
+        return "not cut (the input-grad hook stays; it runs down to layer 0)"
+    return "stops at the lowest trained layer (no input-grad hook)"
+
+
+def _fp16_scaler(accelerator: Any):
+    scaler = getattr(accelerator, "scaler", None)
+    return scaler if scaler is not None and scaler.is_enabled() else None
+
+
+def _unscale_fp16_gradients(accelerator: Any) -> bool:
+    """Under fp16 mixed precision, unscale the gradients now (as accelerate's clip_grad_norm_ would do a
+    moment later), so scores are of the true gradients, not of gradients times the loss scale.
+    True when this call unscaled them."""
+    if _fp16_scaler(accelerator) is None:
+        return False
+    accelerator.unscale_gradients()
+    return True
+
+
+def _fp16_step_will_be_skipped(accelerator: Any, engine: LayerSelectionEngine) -> bool:
+    """True when the fp16 loss scaler found inf/NaN gradients while unscaling: it will skip this step."""
+    scaler = _fp16_scaler(accelerator)
+    if scaler is None or engine.optimizer is None:
+        return False
+    state = getattr(scaler, "_per_optimizer_states", {}).get(id(engine.optimizer), {})
+    return any(float(v.sum()) > 0 for v in state.get("found_inf_per_device", {}).values())
 
 
 def attach_layer_selection(trainer: Any, config: SelectionConfig | None = None) -> LayerSelectionCallback:

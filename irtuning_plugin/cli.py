@@ -5,6 +5,8 @@
     irtuning eval --model M [--adapter A]   label-scoring accuracy / macro-F1 on a split
     irtuning summary OUTPUT_DIR             what the selection did in a finished run
     irtuning keys                           every irtuning_* key with its default (markdown table)
+    irtuning check RECIPE.yaml              validate an Axolotl recipe as `axolotl train` would, and catch
+                                            irtuning_* keys without the plugin under plugins: (plain LoRA)
     irtuning llamafactory train R.yaml [k=v ...]   LLaMA-Factory training with layer selection
     irtuning llamafactory check R.yaml [k=v ...]   only validate the recipe
 """
@@ -145,17 +147,18 @@ KEYS_START, KEYS_END = "<!-- keys:start -->", "<!-- keys:end -->"
 
 
 def keys_table() -> str:
-    from irtuning_plugin.config import all_flat_keys
+    from irtuning_plugin.config import all_flat_keys, flat_key_types
     from irtuning_plugin.strategies import registered_strategies
 
-    lines = ["| key | default | meaning |", "|---|---|---|"]
+    types_ = flat_key_types()
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for key, (owner, f) in all_flat_keys().items():
         text = f.metadata.get("help", "")
         if key == "irtuning_strategy":
             text += ": " + "; ".join(f"`{n}` {c.summary}" for n, c in registered_strategies().items())
         if owner:
             text = f"(strategy `{owner}`) {text}"
-        lines.append(f"| `{key}` | `{f.default!r}` | {text} |")
+        lines.append(f"| `{key}` | {types_[key].describe()} | `{f.default!r}` | {text} |")
     return "\n".join(lines)
 
 
@@ -193,6 +196,39 @@ def _cmd_llamafactory(args) -> int:
     return 0
 
 
+def _cmd_check(args) -> int:
+    import yaml
+
+    from irtuning_plugin.axolotl_integration.args import plugin_listed, unlisted_plugin_message
+
+    cfg = yaml.safe_load(Path(args.recipe).read_text(encoding="utf-8")) or {}
+    problem = unlisted_plugin_message(cfg)
+    if problem:
+        print(f"irtuning check: {problem}", file=sys.stderr)
+        return 1
+    if not plugin_listed(cfg):
+        print("irtuning check: the irtuning plugin is not used by this recipe")
+        return 0
+    from axolotl.cli.config import prepare_plugins
+    from axolotl.utils.config import validate_config
+    from axolotl.utils.dict import DictDefault
+
+    from irtuning_plugin.axolotl_integration.errors import irtuning_message
+    from irtuning_plugin.config import config_from_flat
+
+    cfg = DictDefault(cfg)
+    try:
+        prepare_plugins(cfg)
+        validated = validate_config(cfg)
+    except Exception as exc:  # noqa: BLE001 - report any refusal, ours or Axolotl's, as one line
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        print(f"irtuning check: {irtuning_message(exc) or lines[-1].strip()}", file=sys.stderr)
+        return 1
+    config = config_from_flat(dict(validated))
+    print(f"irtuning check: ok (irtuning_strategy {config.strategy}, scope {config.scope})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="irtuning", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -219,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("keys", help="print every irtuning_* key (markdown)")
     sp.add_argument("--write-readme", default=None, help="replace the key table between the markers of this file")
     sp.set_defaults(func=_cmd_keys)
+    sp = sub.add_parser("check", help="validate an Axolotl recipe (catches irtuning_* keys without the plugin)")
+    sp.add_argument("recipe")
+    sp.set_defaults(func=_cmd_check)
     sp = sub.add_parser("llamafactory", help="LLaMA-Factory training with layer selection (irtuning_* keys)")
     sp.add_argument("action", choices=("train", "check"), help="train, or only validate the recipe")
     sp.add_argument("recipe", help="a LLaMA-Factory training YAML with irtuning_* keys")

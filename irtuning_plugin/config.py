@@ -8,12 +8,13 @@ the offending key and its allowed values.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from irtuning_plugin.layer_map import SCOPES
 from irtuning_plugin.strategies import get_strategy_class, registered_strategies
-from irtuning_plugin.strategies.base import StrategyConfigError, make_options, option_fields
+from irtuning_plugin.strategies.base import KeyType, StrategyConfigError, key_types, make_options, option_fields
 
 PREFIX = "irtuning_"
 SCORE_GRADIENTS = ("unclipped", "clipped")
@@ -51,20 +52,80 @@ class SelectionConfig:
 
     def check(self) -> "SelectionConfig":
         cls = get_strategy_class(self.strategy)
-        for name, allowed in (("scope", SCOPES), ("score_gradients", SCORE_GRADIENTS),
-                              ("kernel_backend", KERNEL_BACKENDS),
-                              ("frozen_optimizer_state", FROZEN_OPTIMIZER_STATES)):
-            value = getattr(self, name)
-            if value not in allowed:
-                raise StrategyConfigError(f"{PREFIX}{name}={value!r}; allowed: {', '.join(allowed)}")
-        if self.layers_path is not None and (not isinstance(self.layers_path, str) or not self.layers_path.strip()):
-            raise StrategyConfigError(f"{PREFIX}layers_path={self.layers_path!r}; must be a dotted path like model.layers")
+        for name, kind in key_types(SelectionConfig).items():
+            if name != "strategy":  # checked above, with the list of strategies
+                kind.check(PREFIX + name, getattr(self, name))
+        if not isinstance(self.strategy_options, dict):
+            raise StrategyConfigError(f"strategy_options={self.strategy_options!r}; must be a dict of option values")
+        if self.kernel_backend == "triton":
+            _check_triton_usable()
         make_options(cls, self.strategy_options, f"{PREFIX}{self.strategy}_")
         return self
 
     def build_options(self) -> Any:
         cls = get_strategy_class(self.strategy)
         return make_options(cls, self.strategy_options, f"{PREFIX}{self.strategy}_")
+
+
+def _check_triton_usable() -> None:
+    """irtuning_kernel_backend: triton needs triton and a CUDA GPU (or Triton's CPU interpreter, for tests):
+    refused here rather than at the first optimizer step."""
+    import importlib.util
+
+    import torch
+
+    key = f"{PREFIX}kernel_backend='triton'"
+    if importlib.util.find_spec("triton") is None:
+        raise StrategyConfigError(f"{key} but triton is not installed: pip install triton, or use "
+                                  f"{PREFIX}kernel_backend: auto")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise StrategyConfigError(f"{key} needs a CUDA GPU and none is visible here: use {PREFIX}kernel_backend: "
+                                  f"auto (Triton on CUDA, torch elsewhere) or torch")
+
+
+def _deepspeed_stage(deepspeed: Any) -> str:
+    """'ZeRO stage N' from a DeepSpeed config (a dict or a JSON file), or '' when it cannot be read."""
+    import json
+
+    cfg = deepspeed
+    if isinstance(deepspeed, (str, os.PathLike)):
+        try:
+            with open(deepspeed, encoding="utf-8") as fh:
+                cfg = json.load(fh)
+        except (OSError, ValueError):
+            return ""
+    stage = (cfg.get("zero_optimization") or {}).get("stage") if isinstance(cfg, dict) else None
+    return f"ZeRO stage {stage}" if stage is not None else ""
+
+
+def check_training_setup(config: SelectionConfig, *, torch_compile: Any = None, deepspeed: Any = None,
+                         fsdp: Any = None, fsdp_config: Any = None) -> None:
+    """Refuse training set-ups that would fail or silently train wrong with layer selection.
+
+    Framework-neutral: Axolotl's args model passes its own keys, the callback passes the Trainer's
+    arguments (so a plain Trainer or LLaMA-Factory gets the same refusals). Each refusal names the key
+    and says why; the README's "what is refused, and why" table lists them.
+    """
+    if torch_compile and not get_strategy_class(config.strategy).fixed_after_first_step:
+        static = ", ".join(n for n, c in registered_strategies().items() if c.fixed_after_first_step)
+        raise StrategyConfigError(
+            f"torch_compile={torch_compile!r} with irtuning_strategy={config.strategy!r}: the trained layers change "
+            f"during training, and torch.compile recompiles the model for every new set (it guards on "
+            f"requires_grad), so steps get far slower; remove torch_compile, or use a strategy whose layers never "
+            f"change after step 0 ({static})")
+    if deepspeed:
+        stage = _deepspeed_stage(deepspeed)
+        raise StrategyConfigError(
+            f"deepspeed is set{f' ({stage})' if stage else ''}: irtuning does not support DeepSpeed. ZeRO moves "
+            f"gradients into its own flat, partitioned buffers (the per-layer scores would be of a shard, or of "
+            f"nothing) and builds its optimizer once from the parameters that require grad at initialize (ZeRO-3 "
+            f"also drops frozen ones), while irtuning switches layers on and off every step; remove deepspeed "
+            f"(DDP is supported)")
+    if fsdp or fsdp_config:
+        raise StrategyConfigError(
+            "fsdp is set: irtuning does not support FSDP. Each rank holds only a shard of every gradient, so the "
+            "per-layer scores would be partial sums that differ between ranks, and FSDP's flat parameters (without "
+            "use_orig_params) cannot freeze single layers; remove fsdp/fsdp_config (DDP is supported)")
 
 
 def engine_keys() -> list[dataclasses.Field]:
@@ -80,6 +141,17 @@ def all_flat_keys() -> dict[str, tuple[str | None, dataclasses.Field]]:
         for f in option_fields(cls):
             keys[f"{PREFIX}{name}_{f.name}"] = (name, f)
     return keys
+
+
+def flat_key_types() -> dict[str, KeyType]:
+    """Every accepted flat key -> the values it takes (what the args models and the type tests use)."""
+    types_: dict[str, KeyType] = {}
+    for key, (owner, f) in all_flat_keys().items():
+        if key == PREFIX + "strategy":
+            types_[key] = KeyType(choices=tuple(registered_strategies()))
+        else:
+            types_[key] = key_types(SelectionConfig if owner is None else get_strategy_class(owner).Options)[f.name]
+    return types_
 
 
 def config_from_flat(values: Mapping[str, Any]) -> SelectionConfig:
@@ -109,3 +181,6 @@ def config_from_flat(values: Mapping[str, Any]) -> SelectionConfig:
         else:
             options[f.name] = value
     return SelectionConfig(**engine_kwargs, strategy_options=options).check()
+
+
+key_types(SelectionConfig)  # an engine key of an unsupported type fails at import, not in a user's run

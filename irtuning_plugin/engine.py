@@ -69,6 +69,8 @@ class LayerSelectionEngine:
         self._params = params
         self._param_layer = ids
         self.scored_this_step = False
+        self.step_skipped = False
+        self._forward_hooks: list[Any] = []
         self.last_score_seconds = 0.0
         self.last_select_seconds = 0.0
         self.backward_cut = False
@@ -153,20 +155,29 @@ class LayerSelectionEngine:
         return self.active
 
     # ---- per step -----------------------------------------------------------------------------
-    def collect_scores(self) -> torch.Tensor:
-        """Score every layer that has gradients now; others keep their last (stale) score."""
+    def collect_scores(self, *, step_skipped: bool = False) -> torch.Tensor:
+        """Score every layer that has gradients now; others keep their last (stale) score.
+
+        ``step_skipped``: the optimizer will skip this step (an fp16 loss-scaler overflow), so no score
+        changes: the gradients are inf/NaN artefacts of the scale, not of the layers.
+        """
         t0 = time.perf_counter()
-        grads, ids = [], []
-        for p, lid in zip(self._params, self._param_layer, strict=True):
-            if p.grad is not None:
-                grads.append(p.grad)
-                ids.append(lid)
         fresh = torch.zeros(self.num_layers, dtype=torch.bool)
-        if grads:
-            res = layer_grad_norms(grads, ids, self.num_layers, backend=self.config.kernel_backend)
-            layer_scores = self.strategy.layer_scores(res.per_tensor_sq, torch.as_tensor(ids, dtype=torch.long))
-            fresh = res.measured.cpu()
-            self.scores[fresh] = layer_scores[fresh]
+        self.step_skipped = bool(step_skipped)
+        if not step_skipped:
+            grads, ids = [], []
+            for p, lid in zip(self._params, self._param_layer, strict=True):
+                if p.grad is not None:
+                    grads.append(p.grad)
+                    ids.append(lid)
+            if grads:
+                res = layer_grad_norms(grads, ids, self.num_layers, backend=self.config.kernel_backend)
+                per_tensor_sq, measured = res.per_tensor_sq, res.measured.cpu()
+            else:
+                per_tensor_sq, measured = torch.zeros(0, dtype=torch.float64), fresh
+            layer_scores, fresh = self.strategy.step_scores(
+                per_tensor_sq, torch.as_tensor(ids, dtype=torch.long), measured)
+            self.scores[fresh] = layer_scores[fresh].double()
         self.fresh = fresh
         self.ever_measured |= fresh
         self.scored_this_step = True
@@ -186,13 +197,30 @@ class LayerSelectionEngine:
             "fresh": [i for i in range(self.num_layers) if bool(self.fresh[i])],
             "score_ms": round(self.last_score_seconds * 1e3, 3),
         }
+        if self.step_skipped:
+            row["optimizer_step_skipped"] = True
         self._select(step=step, train_dataloader=train_dataloader)
         row.update(self.strategy.log_fields())
         row["select_ms"] = round(self.last_select_seconds * 1e3, 3)
         row["next_active"] = list(self.active)
         self.scored_this_step = False
+        self.step_skipped = False
         self.last_row = row
         return row
+
+    def add_layer_forward_hook(self, hook) -> None:
+        """Call ``hook(layer_index, module, args, kwargs, output)`` after every forward of a decoder layer
+        (for scores that are not gradients, e.g. ``ir``'s cosine); removed by :meth:`close`."""
+        for i, layer in enumerate(self.layer_map.layers):
+            def fn(module, args, kwargs, output, _i=i):
+                hook(_i, module, args, kwargs, output)
+            self._forward_hooks.append(layer.register_forward_hook(fn, with_kwargs=True))
+
+    def close(self) -> None:
+        """Remove the hooks the engine put on the model (at train end)."""
+        for handle in self._forward_hooks:
+            handle.remove()
+        self._forward_hooks.clear()
 
     def _select(self, step: int, train_dataloader: Any = None) -> None:
         t0 = time.perf_counter()

@@ -106,7 +106,13 @@ def test_axolotl_train_runs_the_plugin(tmp_path, tiny_model_dir, launcher):
         micro_batch_size=4, learning_rate=5e-3, lr_scheduler="constant", logging_steps=1, save_strategy="no",
         val_set_size=0, train_on_inputs=False, seed=3,
     )
-    run_axolotl(tmp_path, cfg, launcher)
+    log = run_axolotl(tmp_path, cfg, launcher)
+    # the lines a user must see reach Axolotl's console (it drops other packages' INFO records)
+    assert "[INFO] [axolotl.integrations.irtuning] irtuning: 8 layers at " in log, log[-3000:]
+    assert "[INFO] [axolotl.integrations.irtuning] irtuning: strategy ir enabled" in log
+    assert ("[INFO] [axolotl.integrations.irtuning] irtuning: strategy ir on 8 layers at" in log
+            and "; backprop cut (the input-grad hook is removed; it stops at the lowest trained layer); "
+                "step 1 trains layers [" in log)
     out = tmp_path / "out"
     rows = [json.loads(x) for x in (out / "irtuning_selection.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, steps + 1))  # one row per optimizer step
@@ -130,3 +136,80 @@ def test_demo_recipe_runs_on_smollm2(tmp_path, smollm2_dir):
     rows = [json.loads(x) for x in (tmp_path / "out" / "irtuning_selection.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(len(r["scores"]) == 30 for r in rows)
     assert 10 <= rows[0]["n_active"] <= 20  # 30 layers: cut window 10..19
+
+
+def _bad_cfg_file(tmp_path, tiny_model_dir, **over):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(base_cfg(tiny_model_dir, output_dir=str(tmp_path / "out"), **over)))
+    return path
+
+
+def test_our_error_is_printed_as_one_line(tiny_model_dir, capsys, monkeypatch):
+    """The hook the plugin installs prints our message alone; other errors keep their traceback."""
+    from irtuning_plugin.axolotl_integration import errors
+
+    monkeypatch.delenv(errors.TRACEBACK_ENV, raising=False)
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    errors.install_concise_config_errors()
+    errors.install_concise_config_errors()  # once per process
+    hook = sys.excepthook
+    assert hook.irtuning and hook is not sys.__excepthook__
+    try:
+        validate(base_cfg(tiny_model_dir, irtuning_ir_interval=2.5))
+    except Exception as exc:  # noqa: BLE001 - pydantic's ValidationError
+        assert type(exc).__name__ == "ValidationError"
+        hook(type(exc), exc, exc.__traceback__)
+    err = capsys.readouterr().err
+    assert err.splitlines()[-2:] == ["irtuning config error: irtuning_ir_interval=2.5; must be a whole number, not a fraction",
+                                "(set IRTUNING_FULL_TRACEBACK=1 for the full traceback)"]
+    try:
+        raise KeyError("not ours")
+    except KeyError as exc:
+        hook(type(exc), exc, exc.__traceback__)
+    assert "Traceback" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["python", "accelerate"])
+def test_axolotl_cli_shows_our_message_not_a_traceback(tmp_path, tiny_model_dir, launcher):
+    path = _bad_cfg_file(tmp_path, tiny_model_dir, irtuning_ir_window_low="abc")
+    cmd = [str(Path(VENV_BIN) / "axolotl"), "train", str(path), "--launcher", launcher]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=AXOLOTL_ENV, capture_output=True, text=True, timeout=600)
+    ours = ["irtuning config error: irtuning_ir_window_low='abc'; must be a number",
+            "(set IRTUNING_FULL_TRACEBACK=1 for the full traceback)"]
+    assert proc.returncode == 1
+    assert "ValidationError" not in proc.stdout + proc.stderr  # no pydantic traceback
+    if launcher == "python":
+        assert proc.stderr.strip().splitlines()[-2:] == ours, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stdout + proc.stderr
+    else:  # accelerate's own launcher process then adds its short CalledProcessError traceback
+        lines = proc.stderr.splitlines()
+        assert lines[lines.index(ours[0]) + 1] == ours[1], proc.stderr[-3000:]
+
+
+def test_irtuning_check_catches_a_missing_plugin(tmp_path, tiny_model_dir, capsys):
+    """Axolotl 0.19 drops irtuning_* keys when the plugin is not listed (plain LoRA, no error): the
+    `irtuning check` command reports it; with the plugin listed it runs Axolotl's validation."""
+    from irtuning_plugin.cli import main
+
+    cfg = base_cfg(tiny_model_dir, plugins=None, output_dir=str(tmp_path / "out"))
+    (tmp_path / "noplugin.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["check", str(tmp_path / "noplugin.yaml")]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "irtuning check: irtuning_strategy is set but irtuning_plugin.IRTuningPlugin is not under plugins: Axolotl "
+        "0.19 never loads the plugin, drops every irtuning_* key and trains plain LoRA; add plugins: "
+        "[irtuning_plugin.IRTuningPlugin]")
+    assert main(["check", str(_bad_cfg_file(tmp_path, tiny_model_dir, irtuning_ir_interval="2"))]) == 1
+    assert capsys.readouterr().err.strip().endswith(
+        "irtuning check: irtuning_ir_interval='2'; must be a whole number (write 2 without quotes)")
+    assert main(["check", str(_bad_cfg_file(tmp_path, tiny_model_dir))]) == 0
+    assert "irtuning check: ok (irtuning_strategy ir, scope adapter)" in capsys.readouterr().out
+
+
+def test_readme_first_axolotl_example_lists_the_plugin_and_warns():
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Use it in your own Axolotl recipe", 1)[1]
+    example = yaml.safe_load(section.split("```yaml", 1)[1].split("```", 1)[0])
+    assert example["plugins"] == ["irtuning_plugin.IRTuningPlugin"] and example["irtuning_strategy"] == "ir"
+    warning = section.split("```", 2)[2].split("\n\n", 2)[1]
+    assert "not optional on Axolotl 0.19" in warning and "plain LoRA" in warning and "irtuning check" in warning

@@ -42,8 +42,9 @@ def test_window_forbids_the_global_minimum():
 
 
 def test_ties_broken_by_layer_index():
-    high, _ = split_high_group([5.0, 5.0, 5.0, 5.0])  # window 1..2, all V equal 0 -> first j = 1
-    assert high == [1, 2, 3]
+    # window 1..2, every V is 0: the reference's V.index(0) is j = 0, below the window -> all 4 train
+    assert split_high_group([5.0, 5.0, 5.0, 5.0])[0] == [0, 1, 2, 3]
+    assert split_high_group([2.0, 1.0, 1.0, 1.0])[0] == [3, 0]  # tied layers 1..3 ranked by index: 3 is the boundary
 
 
 def test_variance_is_population_variance():
@@ -127,7 +128,8 @@ def test_reference_score_formula():
     ({"irtuning_ir_window_low": 0.7, "irtuning_ir_window_high": 0.6}, "0 < low < high < 1"),
     ({"irtuning_ir_window_high": 1.0}, "0 < low < high < 1"),
     ({"irtuning_ir_interval": 0}, "irtuning_ir_interval=0; must be >= 1"),
-    ({"irtuning_ir_score": "cosine"}, "irtuning_ir_score='cosine'; allowed: reference, l2"),
+    ({"irtuning_ir_score": "grad"}, "irtuning_ir_score='grad'; allowed: reference, l2, cosine, weight"),
+    ({"irtuning_ir_cut": "window"}, "irtuning_ir_cut='window'; allowed: reference, in_window"),
     ({"irtuning_ir_split_num": 3}, "irtuning_ir_split_num=3"),
     ({"irtuning_strategy": "all", "irtuning_ir_interval": 2}, "option of strategy 'ir'"),
     ({"irtuning_typo": 1}, "irtuning_typo is not an irtuning key"),

@@ -335,7 +335,7 @@ def test_frozen_optimizer_state_cpu_moves_moments_off_the_device(device):
     ({"irtuning_strategy": "fixed", "irtuning_fixed_layers": []}, "irtuning_fixed_layers=[]; must be a non-empty"),
     ({"irtuning_strategy": "fixed", "irtuning_fixed_layers": [1, 1]}, "irtuning_fixed_layers=[1, 1] lists a layer"),
     ({"irtuning_strategy": "fixed", "irtuning_fixed_layers": [-1]}, "layer -1 is outside"),
-    ({"irtuning_strategy": "fixed", "irtuning_fixed_layers": ["a"]}, "'a' is not a layer index"),
+    ({"irtuning_strategy": "fixed", "irtuning_fixed_layers": ["a"]}, "irtuning_fixed_layers=['a']; must be a list of whole numbers ('a' is not"),
     ({"irtuning_strategy": "ist", "irtuning_ist_train_fraction": 0}, "irtuning_ist_train_fraction=0; must be a "),
     ({"irtuning_strategy": "ist", "irtuning_ist_candidates": 1}, "irtuning_ist_candidates=1; must be a whole"),
     ({"irtuning_strategy": "ist", "irtuning_ist_suppress_factor": 1.0}, "irtuning_ist_suppress_factor=1.0"),

@@ -1,21 +1,22 @@
 """Axolotl input args of the irtuning plugin: one flat pydantic model, every key prefixed ``irtuning_``.
 
 The fields are generated from the engine's :class:`SelectionConfig` and from each registered
-strategy's options, so a new strategy module brings its keys with it. All checking happens in one
-``mode="before"`` validator that sees the whole Axolotl config and fails with a one-line message
-naming the key, before any model is loaded.
+strategy's options, so a new strategy module brings its keys with it; each field carries the key's
+type (strict: no '2' -> 2). All checking happens in one ``mode="before"`` validator that sees the
+whole Axolotl config and fails with a one-line message naming the key, before any model is loaded;
+that validator runs before pydantic's field checks, so the user reads our message, not pydantic's.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from irtuning_plugin.config import PREFIX, all_flat_keys, config_from_flat
+from irtuning_plugin.config import PREFIX, all_flat_keys, check_training_setup, config_from_flat, flat_key_types
 from irtuning_plugin.layer_map import SCOPES
-from irtuning_plugin.strategies import get_strategy_class
+from irtuning_plugin.strategies import StrategyConfigError, get_strategy_class
 
 LOG = logging.getLogger(__name__)
 
@@ -33,6 +34,18 @@ def plugin_active(data: dict) -> bool:
     """Listed in ``plugins:`` (Axolotl 0.19+) or switched on by ``irtuning_strategy`` (entry-point loading
     of Axolotl >= 0.21 registers the plugin on every run)."""
     return plugin_listed(data) or data.get("irtuning_strategy") is not None
+
+
+def unlisted_plugin_message(data: dict) -> str | None:
+    """The silent failure of Axolotl 0.19: irtuning_* keys in a recipe whose ``plugins:`` lacks the plugin.
+    0.19 never imports it, drops the unknown keys and trains plain LoRA (``irtuning check`` reports it)."""
+    keys = sorted((k for k in data if str(k).startswith(PREFIX) and data[k] is not None),
+                  key=lambda k: (k != PREFIX + "strategy", k))
+    if not keys or plugin_listed(data):
+        return None
+    return (f"{keys[0]} is set but irtuning_plugin.IRTuningPlugin is not under plugins: Axolotl 0.19 never loads "
+            f"the plugin, drops every irtuning_* key and trains plain LoRA; add plugins: "
+            f"[irtuning_plugin.IRTuningPlugin]")
 
 
 def _meta_model(data: dict):
@@ -68,46 +81,46 @@ def validate_axolotl_config(data: dict) -> dict:
     if not isinstance(data, dict) or not plugin_active(data):
         stray = sorted(k for k in (data or {}) if str(k).startswith("irtuning_") and data[k] is not None)
         if stray:
-            raise ValueError(f"{stray[0]} is set but the irtuning plugin is off: add "
-                             f"irtuning_plugin.IRTuningPlugin to plugins and set irtuning_strategy")
+            raise StrategyConfigError(f"{stray[0]} is set but the irtuning plugin is off: add "
+                                      f"irtuning_plugin.IRTuningPlugin to plugins and set irtuning_strategy")
         return data
     config = config_from_flat(data)
     for key in LISA_KEYS:
         if data.get(key) is not None:
-            raise ValueError(f"{key} (Axolotl's built-in LISA) cannot be combined with the irtuning plugin: "
-                             f"remove {key}, or use irtuning_strategy: lisa")
+            raise StrategyConfigError(f"{key} (Axolotl's built-in LISA) cannot be combined with the irtuning "
+                                      f"plugin: remove {key}, or use irtuning_strategy: lisa")
     scopes = getattr(get_strategy_class(config.strategy), "scopes", SCOPES)
     if config.scope not in scopes:
-        raise ValueError(f"irtuning_strategy={config.strategy!r} works only with irtuning_scope: "
-                         f"{' or '.join(scopes)}, not irtuning_scope={config.scope!r}")
+        raise StrategyConfigError(f"irtuning_strategy={config.strategy!r} works only with irtuning_scope: "
+                                  f"{' or '.join(scopes)}, not irtuning_scope={config.scope!r}")
     if config.scope == "adapter" and not data.get("adapter"):
-        raise ValueError("irtuning_scope='adapter' (the default) selects adapter layers but no `adapter` is set: "
-                         "set adapter: lora (or qlora), or irtuning_scope: full for full fine-tuning")
+        raise StrategyConfigError("irtuning_scope='adapter' (the default) selects adapter layers but no `adapter` "
+                                  "is set: set adapter: lora (or qlora), or irtuning_scope: full for full "
+                                  "fine-tuning")
     if config.scope == "full" and data.get("adapter"):
-        raise ValueError(f"irtuning_scope='full' selects whole layers but adapter={data.get('adapter')!r} is set: "
-                         "use irtuning_scope: adapter, or remove adapter")
+        raise StrategyConfigError(f"irtuning_scope='full' selects whole layers but adapter={data.get('adapter')!r} "
+                                  "is set: use irtuning_scope: adapter, or remove adapter")
     if config.strategy != "all":
         for key in _NO_PEFT_LAYER_FILTER:
             if data.get(key) is not None:
-                raise ValueError(f"{key} restricts LoRA to fixed layers, which conflicts with "
-                                 f"irtuning_strategy={config.strategy!r}: remove {key}")
-    if data.get("deepspeed"):
-        raise ValueError("irtuning needs each layer's own gradients and requires_grad toggling; DeepSpeed ZeRO "
-                         "partitions them: remove deepspeed (DDP is supported)")
-    if data.get("fsdp") or data.get("fsdp_config"):
-        raise ValueError("irtuning does not support FSDP yet (sharded gradients give per-rank partial scores): "
-                         "remove fsdp/fsdp_config (DDP is supported)")
+                raise StrategyConfigError(f"{key} restricts LoRA to fixed layers, which conflicts with "
+                                          f"irtuning_strategy={config.strategy!r}: remove {key}")
+    # torch_compile: auto becomes true on torch >= 2.5.1 (Axolotl resolves it after this validator)
+    check_training_setup(config, torch_compile=data.get("torch_compile"), deepspeed=data.get("deepspeed"),
+                         fsdp=data.get("fsdp"), fsdp_config=data.get("fsdp_config"))
     _check_on_meta_model(data, config)
     return data
 
 
 def _build_args_model() -> type[BaseModel]:
     fields: dict[str, Any] = {}
+    types_ = flat_key_types()
     for key, (owner, f) in all_flat_keys().items():
         text = f.metadata.get("help", "")
         if owner:
             text = f"[strategy {owner}] {text}"
-        fields[key] = (Optional[Any], Field(default=None, description=f"{text} (default: {f.default!r})"))
+        fields[key] = (types_[key].pydantic_annotation(),
+                       Field(default=None, description=f"{text} (default: {f.default!r})"))
 
     class _Base(BaseModel):
         model_config = ConfigDict(protected_namespaces=())

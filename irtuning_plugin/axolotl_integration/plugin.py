@@ -9,7 +9,9 @@ from axolotl.integrations.base import BasePlugin
 from irtuning_plugin.axolotl_integration.args import plugin_active
 from irtuning_plugin.config import config_from_flat
 
-LOG = logging.getLogger(__name__)
+# Axolotl's console handler passes INFO records only from loggers named axolotl.*: the few lines a user
+# must see (strategy, layer map, backprop cut) go through this one.
+CONSOLE_LOG = logging.getLogger("axolotl.integrations.irtuning")
 
 
 def _first_instance(plugin: "IRTuningPlugin") -> bool:
@@ -34,7 +36,9 @@ class IRTuningPlugin(BasePlugin):
 
     def register(self, cfg):
         from irtuning_plugin.assets.references import resolve_asset_references
+        from irtuning_plugin.axolotl_integration.errors import install_concise_config_errors
 
+        install_concise_config_errors()
         if plugin_active(cfg) and _first_instance(self):
             resolve_asset_references(cfg)
 
@@ -53,7 +57,7 @@ class IRTuningPlugin(BasePlugin):
 
         config = config_from_flat(dict(cfg))
         # Fails here, before the trainer exists, on a layers path or scope that does not fit the model.
-        LOG.info("irtuning: %s", build_layer_map(model, config.scope, config.layers_path).describe())
+        CONSOLE_LOG.info("irtuning: %s", build_layer_map(model, config.scope, config.layers_path).describe())
 
     def add_callbacks_post_trainer(self, cfg, trainer):
         if not plugin_active(cfg) or not _first_instance(self):
@@ -61,5 +65,5 @@ class IRTuningPlugin(BasePlugin):
         from irtuning_plugin.callback import LayerSelectionCallback
 
         config = config_from_flat(dict(cfg))
-        LOG.info("irtuning: strategy %s enabled", config.strategy)
-        return [LayerSelectionCallback(config, trainer=trainer)]
+        CONSOLE_LOG.info("irtuning: strategy %s enabled", config.strategy)
+        return [LayerSelectionCallback(config, trainer=trainer, console_log=CONSOLE_LOG)]

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
-from irtuning_plugin.config import PREFIX, SelectionConfig, config_from_flat
+from irtuning_plugin.config import PREFIX, SelectionConfig, check_training_setup, config_from_flat
 from irtuning_plugin.layer_map import SCOPES
 from irtuning_plugin.strategies import get_strategy_class
 
@@ -108,12 +108,9 @@ def check_recipe(cfg: Mapping[str, Any], *, meta_model: bool = True) -> Selectio
                 f"irtuning needs; allowed with irtuning: {', '.join(TRAINER_STAGES)}")
     if not cfg.get("do_train"):
         _refuse("do_train is not true: irtuning selects layers while training; set do_train: true")
-    if cfg.get("deepspeed"):
-        _refuse("irtuning needs each layer's own gradients and requires_grad toggling; DeepSpeed ZeRO "
-                f"partitions them: remove deepspeed ({cfg['deepspeed']}) (DDP is supported)")
-    if cfg.get("fsdp") or cfg.get("fsdp_config"):
-        _refuse("irtuning does not support FSDP yet (sharded gradients give per-rank partial scores): "
-                "remove fsdp/fsdp_config (DDP is supported)")
+    # the refusals shared with Axolotl and the callback (DeepSpeed, FSDP, torch_compile with changing layers)
+    check_training_setup(config, torch_compile=cfg.get("torch_compile"), deepspeed=cfg.get("deepspeed"),
+                         fsdp=cfg.get("fsdp"), fsdp_config=cfg.get("fsdp_config"))
     if cfg.get("ddp_find_unused_parameters") is False:
         _refuse("ddp_find_unused_parameters: false, but frozen layers leave parameters unused in a step: set it "
                 "to true or remove it (irtuning sets it)")

@@ -9,6 +9,7 @@ from irtuning_plugin.strategies.base import SelectionContext, SelectionStrategy,
 class AllLayersStrategy(SelectionStrategy):
     name = "all"
     summary = "every layer trains every step (plain LoRA / full fine-tuning)"
+    fixed_after_first_step = True
 
     def select(self, ctx: SelectionContext) -> list[int]:
         return list(range(ctx.num_layers))

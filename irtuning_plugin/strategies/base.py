@@ -8,8 +8,12 @@ only answers "which layers train in the next optimizer step".
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import types
+import typing
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Sequence
 
 import torch
 
@@ -32,8 +36,154 @@ class NoOptions:
 
 
 def option(default: Any, help: str, **kwargs) -> Any:  # noqa: A002 - mirrors argparse
-    """A documented strategy option (the help text reaches the Axolotl args model and the README)."""
+    """A documented strategy option (the help text reaches the Axolotl args model and the README).
+
+    Its type is the field's annotation (see :class:`KeyType`); ``choices=(...)`` on a ``str`` field
+    makes it a choice of those strings.
+    """
     return dataclasses.field(default=default, metadata={"help": help, **kwargs})
+
+
+# ---- key types ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KeyType:
+    """The values one key accepts, read from its dataclass annotation.
+
+    Supported: ``int``, ``float`` (an int is accepted too), ``bool``, ``str`` (non-empty), ``list[int]``,
+    ``Literal["a", "b"]`` (or ``str`` with ``choices=``), and unions of them, e.g. ``int | Literal["salf"]``
+    for "a layer count or the word salf". ``None`` only means "unset". Checking is strict, as YAML gives
+    real types: ``'2'`` is not a number, ``2.5`` is not a whole number, ``1`` is not ``true``.
+    """
+
+    ints: bool = False
+    floats: bool = False
+    bools: bool = False
+    strings: bool = False
+    int_lists: bool = False
+    choices: tuple[str, ...] = ()
+
+    @classmethod
+    def from_field(cls, f: dataclasses.Field, annotation: Any) -> "KeyType":
+        kw: dict[str, Any] = {}
+        choices: list[str] = []
+        for t in _union_members(annotation):
+            if t is type(None):
+                continue
+            origin = typing.get_origin(t)
+            if t is bool:
+                kw["bools"] = True
+            elif t is int:
+                kw["ints"] = True
+            elif t is float:
+                kw["floats"] = True
+            elif t is str:
+                if f.metadata.get("choices"):
+                    choices.extend(f.metadata["choices"])
+                else:
+                    kw["strings"] = True
+            elif origin is Literal:
+                choices.extend(typing.get_args(t))
+            elif origin is list and typing.get_args(t) == (int,):
+                kw["int_lists"] = True
+            else:
+                raise TypeError(f"key {f.name!r}: annotation {annotation!r} is not a supported key type")
+        if not all(isinstance(c, str) for c in choices):
+            raise TypeError(f"key {f.name!r}: choices must be strings, got {choices!r}")
+        return cls(**kw, choices=tuple(dict.fromkeys(choices)))
+
+    def describe(self) -> str:
+        parts = []
+        if self.ints and not self.floats:
+            parts.append("a whole number")
+        if self.floats:
+            parts.append("a number")
+        if self.bools:
+            parts.append("true or false")
+        if self.int_lists:
+            parts.append("a list of whole numbers")
+        if self.strings:
+            parts.append("a non-empty string")
+        if self.choices:
+            parts.append(self.choices[0] if len(self.choices) == 1 else "one of " + ", ".join(self.choices))
+        return " or ".join(parts)
+
+    def accepts(self, value: Any) -> bool:
+        if value is None:
+            return True
+        if isinstance(value, bool):
+            return self.bools
+        if isinstance(value, int):
+            return self.ints or self.floats
+        if isinstance(value, float):
+            return self.floats and math.isfinite(value)
+        if isinstance(value, str):
+            return value in self.choices or (self.strings and bool(value.strip()))
+        if isinstance(value, (list, tuple)):
+            return self.int_lists and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
+        return False
+
+    def check(self, key: str, value: Any) -> None:
+        """Raise a one-line :class:`StrategyConfigError` naming ``key`` unless ``value`` has this type."""
+        if self.accepts(value):
+            return
+        only_choices = self.choices and not (self.ints or self.floats or self.bools or self.strings or self.int_lists)
+        if only_choices:
+            raise StrategyConfigError(f"{key}={value!r}; allowed: {', '.join(self.choices)}")
+        if isinstance(value, float) and self.floats:
+            raise StrategyConfigError(f"{key}={value!r}; must be a finite number")
+        raise StrategyConfigError(f"{key}={value!r}; must be {self.describe()}{self._hint(value)}")
+
+    def _hint(self, value: Any) -> str:
+        if isinstance(value, str):
+            text = value.strip()
+            if self.bools and text.lower() in ("true", "false"):
+                return f" (write {text.lower()} without quotes)"
+            for wanted, parse in ((self.ints, int), (self.floats, float)):
+                try:
+                    if wanted and math.isfinite(parse(text)):
+                        return f" (write {text} without quotes)"
+                except ValueError:
+                    pass
+        if isinstance(value, float) and self.ints and not self.floats:
+            return ", not a fraction"
+        if isinstance(value, (list, tuple)) and self.int_lists:
+            bad = next(i for i in value if isinstance(i, bool) or not isinstance(i, int))
+            return f" ({bad!r} is not a whole number)"
+        return ""
+
+    def pydantic_annotation(self) -> Any:
+        """The same type for a pydantic model (strict: no '2' -> 2 coercion)."""
+        from pydantic import AllowInfNan, Strict, StrictBool, StrictInt, StringConstraints
+
+        members: list[Any] = []
+        if self.ints or self.floats:
+            members.append(StrictInt)
+        if self.floats:
+            members.append(typing.Annotated[float, Strict(), AllowInfNan(False)])
+        if self.bools:
+            members.append(StrictBool)
+        if self.int_lists:
+            members.append(list[StrictInt])
+        if self.strings:
+            members.append(typing.Annotated[str, StringConstraints(strict=True, min_length=1)])
+        if self.choices:
+            members.append(Literal[self.choices])
+        return typing.Optional[typing.Union[tuple(members)]]
+
+
+def _union_members(annotation: Any) -> tuple[Any, ...]:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return tuple(m for a in typing.get_args(annotation) for m in _union_members(a))
+    return (annotation,)
+
+
+@functools.lru_cache(maxsize=None)
+def key_types(options_cls: type) -> dict[str, KeyType]:
+    """Field name -> :class:`KeyType` of a dataclass of keys (a strategy's options, SelectionConfig); fields
+    without a help text are not user keys and are left out."""
+    hints = typing.get_type_hints(options_cls)
+    return {f.name: KeyType.from_field(f, hints[f.name]) for f in dataclasses.fields(options_cls)
+            if "help" in f.metadata}
 
 
 @dataclass
@@ -57,6 +207,9 @@ class SelectionStrategy:
     name: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
     summary: ClassVar[str] = ""
+    # True when the trainable set chosen at step 0 never changes afterwards (torch_compile is then safe:
+    # a changing set flips requires_grad, which torch.compile guards on, so every new set recompiles).
+    fixed_after_first_step: ClassVar[bool] = False
 
     def __init__(self, num_layers: int, options: Any = None):
         self.num_layers = num_layers
@@ -71,6 +224,12 @@ class SelectionStrategy:
         per_layer.index_add_(0, layer_ids.cpu(), per_tensor_sq.detach().double().cpu())
         score = per_layer.sqrt()
         return torch.where(torch.isfinite(score), score, torch.full_like(score, SENTINEL_SCORE))
+
+    def step_scores(self, per_tensor_sq: torch.Tensor, layer_ids: torch.Tensor,
+                    grad_measured: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's scores and which layers they measured; default: :meth:`layer_scores` of the layers
+        that have gradients. A metric that is not a gradient (e.g. ``ir``'s cosine) overrides this."""
+        return self.layer_scores(per_tensor_sq, layer_ids), grad_measured
 
     def select(self, ctx: SelectionContext) -> Sequence[int]:
         raise NotImplementedError
@@ -87,6 +246,7 @@ class SelectionStrategy:
 def register_strategy(cls: type[SelectionStrategy]) -> type[SelectionStrategy]:
     if not cls.name:
         raise TypeError(f"{cls.__name__} has no name")
+    key_types(cls.Options)  # an unsupported option type fails at import, not in a user's run
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
         raise ValueError(f"strategy {cls.name!r} is already registered by {_REGISTRY[cls.name].__name__}")
     _REGISTRY[cls.name] = cls
@@ -98,12 +258,12 @@ def registered_strategies() -> dict[str, type[SelectionStrategy]]:
 
 
 def get_strategy_class(name: str) -> type[SelectionStrategy]:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
+    cls = _REGISTRY.get(name) if isinstance(name, str) else None
+    if cls is None:
         raise StrategyConfigError(
             f"irtuning_strategy={name!r} is not a strategy; allowed: {', '.join(sorted(_REGISTRY))}"
-        ) from None
+        )
+    return cls
 
 
 def option_fields(cls: type[SelectionStrategy]) -> list[dataclasses.Field]:
@@ -117,6 +277,9 @@ def make_options(cls: type[SelectionStrategy], values: dict[str, Any], prefix: s
     if unknown:
         allowed = ", ".join(prefix + k for k in sorted(known)) or "none"
         raise StrategyConfigError(f"{prefix}{unknown[0]} is not an option of strategy {cls.name!r}; its options: {allowed}")
+    types_ = key_types(cls.Options)
+    for name, value in values.items():
+        types_[name].check(prefix + name, value)
     opts = cls.Options(**{k: v for k, v in values.items() if v is not None})
     opts.check(prefix)
     return opts

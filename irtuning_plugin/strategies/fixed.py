@@ -40,6 +40,7 @@ class FixedLayersStrategy(SelectionStrategy):
     name = "fixed"
     Options = FixedOptions
     summary = "a fixed list of layers trains every step (as peft's layers_to_transform)"
+    fixed_after_first_step = True
 
     def select(self, ctx: SelectionContext) -> list[int]:
         return sorted(int(i) for i in self.options.layers)

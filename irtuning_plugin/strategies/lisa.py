@@ -8,6 +8,11 @@ decoder layers (embeddings, final norm, LM head) keep training, as in the paper,
 ../shared/ALGORITHMS.md §3. Unlike LMFlow/Axolotl, the optimizer is built once over every layer and the
 draws never touch the global numpy RNG; ``irtuning_frozen_optimizer_state`` decides what happens to the
 moments of re-frozen layers.
+
+Draw schedule: ours draws at steps 0, K, 2K, ... (LMFlow's). Axolotl's built-in LISA also redraws at step
+1 (so its first draw trains one step only) and unfreezes EVERY parameter of a drawn layer, LoRA or not
+(with an adapter, base weights then get gradients that no optimizer holds); ours trains what
+``irtuning_scope`` says: the layer's adapter tensors, or all its parameters with ``scope: full``.
 """
 
 from __future__ import annotations

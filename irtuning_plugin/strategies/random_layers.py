@@ -2,6 +2,12 @@
 
 The IR-Tuning repository's random baseline trains 4 of 32 layers; draws come from the engine's seeded
 generator (the same on every rank). See ../shared/ALGORITHMS.md §4.
+
+Differences from the reference's RST (``rst.py``), deliberate: ours draws ``n_layers`` from all L layers of
+the model; the reference draws ``torch.randperm(32)[:4]`` whatever the layer count (on a model with fewer
+than 32 layers some draws name layers that do not exist, on one with more the top layers never train),
+from the global torch RNG, and it still runs IST's importance update (3 damped forward passes every 10
+steps) whose scores it never uses. Ours pays for no forward pass beyond training.
 """
 
 from __future__ import annotations

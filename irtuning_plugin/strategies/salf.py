@@ -137,6 +137,7 @@ class SALFStrategy(SelectionStrategy):
     Options = SALFOptions
     summary = ("SALF-style semantic-aware freezing: one calibration pass before training picks a cut; "
                "layers up to it freeze, the ones above train for the whole run")
+    fixed_after_first_step = True
 
     def __init__(self, num_layers: int, options: Any = None):
         super().__init__(num_layers, options)
