@@ -10,6 +10,11 @@ With the Trainer at hand the callback scores the gradients before the Trainer cl
 reference does) and adds its figures to the Trainer's own logs; added by hand without the Trainer
 (``trainer.add_callback(LayerSelectionCallback(config, model))``) it scores in ``on_pre_optimizer_step``,
 i.e. after clipping, and says so in the log.
+
+Every checkpoint gets the engine's state (``irtuning_state.pt``) and the selection log so far; a run
+resumed from it (``trainer.train(resume_from_checkpoint=...)``) restores the selection instead of
+starting it again, keeps the log rows up to the checkpoint's step and appends the rest, so the log
+and ``irtuning_run.json`` cover the whole run.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import TrainerCallback
 
 from irtuning_plugin.config import SelectionConfig, check_training_setup
@@ -30,6 +36,7 @@ LOG = logging.getLogger(__name__)
 SELECTION_LOG = "irtuning_selection.jsonl"
 HEATMAP = "irtuning_selection.png"
 RUN_SUMMARY = "irtuning_run.json"
+STATE_FILE = "irtuning_state.pt"  # in each checkpoint folder
 
 
 class LayerSelectionCallback(TrainerCallback):
@@ -46,6 +53,22 @@ class LayerSelectionCallback(TrainerCallback):
         self._is_main = True
         self._output_dir: Path | None = None
         self._patched = False
+        self._resume_arg: Any = None  # what trainer.train(resume_from_checkpoint=...) was given
+        self.resumes: list[dict] = []  # {"step", "checkpoint"} of every resume of this run
+        if trainer is not None:
+            self._capture_resume_argument(trainer)
+
+    def _capture_resume_argument(self, trainer) -> None:
+        """Remember the checkpoint ``trainer.train`` resumes from (the Trainer does not keep it)."""
+        original_train = getattr(trainer, "train", None)
+        if not callable(original_train):
+            return
+
+        def train(resume_from_checkpoint=None, *args, **kwargs):
+            self._resume_arg = resume_from_checkpoint
+            return original_train(resume_from_checkpoint, *args, **kwargs)
+
+        trainer.train = train
 
     # ---- wiring --------------------------------------------------------------------------------
     def _build_engine(self, args, model) -> None:
@@ -108,16 +131,94 @@ class LayerSelectionCallback(TrainerCallback):
                         "(max_grad_norm=%s); use attach_layer_selection(trainer, config) to score unclipped "
                         "ones as the reference does", args.max_grad_norm)
         self._is_main = bool(getattr(state, "is_world_process_zero", True))
-        self.engine.begin(optimizer, train_dataloader)
-        self.console_log.info(
-            "irtuning: strategy %s on %s; backprop %s; step 1 trains layers %s", self.config.strategy,
-            self.engine.layer_map.describe(),
-            _backprop_note(self.engine), self.engine.active)
+        self._check_ddp()
+        saved = self._load_checkpoint_state(args, state)
+        self.engine.begin(optimizer, train_dataloader, state=saved["engine"] if saved else None)
+        if saved:
+            self.console_log.warning(
+                "irtuning: resumed the selection at step %d from %s; backprop %s; step %d trains layers %s",
+                state.global_step, saved["checkpoint"], _backprop_note(self.engine), state.global_step + 1,
+                self.engine.active)
+        else:
+            self.console_log.info(
+                "irtuning: strategy %s on %s; backprop %s; step 1 trains layers %s", self.config.strategy,
+                self.engine.layer_map.describe(),
+                _backprop_note(self.engine), self.engine.active)
         if self._is_main and args.output_dir:
             self._output_dir = Path(args.output_dir)
             self._output_dir.mkdir(parents=True, exist_ok=True)
             if self.config.selection_log:
                 self._jsonl = open(self._output_dir / SELECTION_LOG, "w", encoding="utf-8")
+                for row in self.rows:  # the history up to the checkpoint, then this run's steps
+                    self._jsonl.write(json.dumps(row) + "\n")
+                self._jsonl.flush()
+        return control
+
+    # ---- multi-process and checkpoints --------------------------------------------------------
+    def _check_ddp(self) -> None:
+        """Frozen layers get no gradient, which DDP refuses unless it looks for unused parameters."""
+        wrapped = getattr(self.trainer, "model_wrapped", None)
+        if not isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) or self.config.strategy == "all":
+            return
+        if not wrapped.find_unused_parameters:
+            from irtuning_plugin.engine import SelectionError
+
+            raise SelectionError(
+                f"irtuning: irtuning_strategy={self.config.strategy!r} freezes layers, whose parameters then get "
+                f"no gradient, and DDP was built with find_unused_parameters=False (it would stop at the next "
+                f"step): set ddp_find_unused_parameters: true (TrainingArguments(ddp_find_unused_parameters=True))")
+
+    def _checkpoint_candidates(self, args, state) -> list[Path]:
+        out = []
+        arg = self._resume_arg
+        if isinstance(arg, (str, os.PathLike)):
+            out.append(Path(arg))
+        elif arg is True and args.output_dir:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            last = get_last_checkpoint(args.output_dir)
+            if last:
+                out.append(Path(last))
+        if args.output_dir:
+            out.append(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+        return out
+
+    def _load_checkpoint_state(self, args, state) -> dict | None:
+        """On a resume (global_step > 0 at train start): the selection state saved in the checkpoint."""
+        if not state.global_step:
+            return None
+        for ckpt in self._checkpoint_candidates(args, state):
+            path = ckpt / STATE_FILE
+            if not path.is_file():
+                continue
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if int(saved.get("step", -1)) != int(state.global_step):
+                continue
+            saved["checkpoint"] = str(ckpt)
+            self.resumes = [*saved.get("resumes", []), {"step": int(state.global_step), "checkpoint": str(ckpt)}]
+            log = ckpt / SELECTION_LOG
+            rows = read_selection_log(log) if log.is_file() else []
+            self.rows = [r for r in rows if r["step"] <= state.global_step]
+            return saved
+        LOG.warning("irtuning: training resumes at step %d but no %s of that step was found (looked in %s): the "
+                    "layer selection STARTS AFRESH (scores unmeasured, new random draws) and the selection log "
+                    "restarts at this step", state.global_step, STATE_FILE,
+                    ", ".join(str(c) for c in self._checkpoint_candidates(args, state)) or "nowhere")
+        return None
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.engine is None or not self.engine.started or not self._is_main or not args.output_dir:
+            return control
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not ckpt.is_dir():
+            LOG.warning("irtuning: checkpoint folder %s not found; the selection state is not saved with it "
+                        "(a resume from it would restart the selection)", ckpt)
+            return control
+        payload = {"step": int(state.global_step), "engine": self.engine.state_dict(), "resumes": self.resumes}
+        torch.save(payload, ckpt / STATE_FILE)
+        with open(ckpt / SELECTION_LOG, "w", encoding="utf-8") as fh:
+            for row in self.rows:
+                fh.write(json.dumps(row) + "\n")
         return control
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
@@ -169,6 +270,8 @@ class LayerSelectionCallback(TrainerCallback):
             "backward_cut": self.engine.backward_cut,
             "memory_account_at_end": self.engine.memory_account(),
             "steps": len(self.rows),
+            "resumes": self.resumes,
+            "nonfinite_steps": [r["step"] for r in self.rows if r.get("nonfinite_layers")],
             "layers_per_step": counts,
             "losses": [(h["step"], h["loss"]) for h in state.log_history if "loss" in h],
         }

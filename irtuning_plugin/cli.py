@@ -2,7 +2,9 @@
 
     irtuning prepare [--tiny]               build/convert the model(s) and the data set, print their paths
     irtuning demo [--max-steps N]           eval before, `axolotl train` the demo recipe, eval after, summary
-    irtuning eval --model M [--adapter A]   label-scoring accuracy / macro-F1 on a split
+    irtuning eval --model M [--adapter A]   accuracy, macro P/R/F1, per-class table, confusion matrix
+    irtuning convert iterater|argrevision SRC OUT   the paper's released files -> our records + manifest
+    irtuning train-seqcls --model M --output O   the paper's classifier setup (head + LoRA, plain Trainer)
     irtuning summary OUTPUT_DIR             what the selection did in a finished run
     irtuning keys                           every irtuning_* key with its default (markdown table)
     irtuning check RECIPE.yaml              validate an Axolotl recipe as `axolotl train` would, and catch
@@ -49,21 +51,33 @@ def _load_split(split: str, limit: int | None, data_dir: str | None = None) -> l
     return rows[:limit] if limit else rows
 
 
-def _evaluate(model_path: str, adapter: str | None, split: str, limit: int | None, data_dir: str | None = None):
-    from irtuning_plugin.evaluation import evaluate_records, load_model_for_eval
+def _evaluate(model_path: str, adapter: str | None, split: str, limit: int | None, data_dir: str | None = None,
+              full: bool = False):
+    """EvalResult of either setup (completion or classifier, found from the trained folder) on a data folder;
+    with ``full`` also the run facts and the records."""
+    from irtuning_plugin.assets.references import revision_data_dir
+    from irtuning_plugin.evaluation import evaluate_data
 
-    model, tokenizer = load_model_for_eval(model_path, adapter)
-    return evaluate_records(model, tokenizer, _load_split(split, limit, data_dir))
+    res, meta, records = evaluate_data(model_path, adapter, data_dir or revision_data_dir(), split, limit)
+    return (res, meta, records) if full else res
 
 
 def _cmd_eval(args) -> int:
     from irtuning_plugin.assets.references import resolve_reference
+    from irtuning_plugin.evaluation import format_report, write_report
 
-    res = _evaluate(resolve_reference(args.model), args.adapter, args.split, args.limit, args.data)
-    print(f"n={res.n} accuracy={res.accuracy:.3f} macro_P={res.macro_precision:.3f} "
-          f"macro_R={res.macro_recall:.3f} macro_F1={res.macro_f1:.3f}")
+    res, meta, records = _evaluate(resolve_reference(args.model), args.adapter, args.split, args.limit, args.data,
+                                   full=True)
+    print(format_report(res, title=f"{meta['setup']} on {meta['task']} {args.split} ({meta['data']})"))
+    from irtuning_plugin.seq_classification import is_seq_cls_output
+
+    trained = args.adapter or (args.model if is_seq_cls_output(args.model) else ".")
+    report_dir = Path(args.report_dir) if args.report_dir else Path(trained) / f"eval-{args.split}"
+    paths = write_report(res, report_dir, meta, ids=[r.get("id") for r in records], gold=[r["label"] for r in records])
     if args.json:
-        Path(args.json).write_text(json.dumps(res.as_dict(), indent=1))
+        Path(args.json).write_text(paths["json"].read_text())
+        paths["json"] = Path(args.json)
+    print("\nwrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 
@@ -140,6 +154,56 @@ def _cmd_demo(args) -> int:
     _print_summary(summary)
     print(f"test accuracy {before.accuracy:.3f} -> {after.accuracy:.3f}; "
           f"macro-F1 {before.macro_f1:.3f} -> {after.macro_f1:.3f} (n={after.n}, label scoring)")
+    return 0
+
+
+def _cmd_train_seqcls(args) -> int:
+    import yaml
+
+    from irtuning_plugin.assets.references import resolve_reference, revision_data_dir
+    from irtuning_plugin.config import config_from_flat
+    from irtuning_plugin.seq_classification import SeqClsSettings, train_seq_cls
+
+    flat = {"irtuning_strategy": args.strategy, "irtuning_scope": "full" if args.full else "adapter"}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key.startswith("irtuning_"):
+            print(f"irtuning train-seqcls: --set {item!r}; expected irtuning_KEY=VALUE", file=sys.stderr)
+            return 2
+        flat[key] = yaml.safe_load(value)
+    from irtuning_plugin.strategies import StrategyConfigError
+
+    try:
+        selection = config_from_flat(flat)
+    except StrategyConfigError as err:
+        print(f"irtuning train-seqcls: {err}", file=sys.stderr)
+        return 2
+    training = {k: v for k, v in (("max_steps", args.max_steps), ("num_train_epochs", args.epochs),
+                                  ("per_device_train_batch_size", args.batch_size), ("learning_rate", args.lr),
+                                  ("warmup_steps", args.warmup_steps), ("seed", args.seed)) if v is not None}
+    import torch
+
+    res = train_seq_cls(resolve_reference(args.model), args.data or revision_data_dir(), args.output,
+                        selection=selection, settings=SeqClsSettings(full_finetune=args.full), training=training,
+                        dtype=getattr(torch, args.dtype))
+    print(f"trained {res['steps']} steps, training loss {res['train_loss']:.4f}; saved to {res['output_dir']}")
+    return 0
+
+
+def _cmd_convert(args) -> int:
+    from irtuning_plugin.converters import CONVERTERS, ConversionError
+
+    kwargs = {"seed": args.seed} if args.dataset == "argrevision" else {}
+    try:
+        manifest = CONVERTERS[args.dataset](args.src, args.out, **kwargs)
+    except ConversionError as err:
+        print(f"irtuning convert: {err}", file=sys.stderr)
+        return 2
+    for split, counts in manifest["counts"].items():
+        per_label = ", ".join(f"{lab} {n}" for lab, n in counts.items() if lab != "total")
+        dropped = ", ".join(f"{lab} {n}" for lab, n in manifest["dropped"][split].items()) or "none"
+        print(f"{split:5s} {counts['total']:5d} records ({per_label}); dropped: {dropped}")
+    print(f"wrote {Path(args.out).resolve()} (manifest.json: counts, sha256 of sources and outputs)")
     return 0
 
 
@@ -241,14 +305,42 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--eval-limit", type=int, default=100, help="test examples scored before/after")
     sp.add_argument("--launcher", default="python", choices=("python", "accelerate"))
     sp.set_defaults(func=_cmd_demo)
-    sp = sub.add_parser("eval", help="label-scoring accuracy and macro P/R/F1")
-    sp.add_argument("--model", required=True, help="base model folder or irtuning:// reference")
-    sp.add_argument("--adapter", default=None, help="LoRA adapter folder (an Axolotl output_dir)")
+    sp = sub.add_parser("eval", help="accuracy, macro P/R/F1, per-class table, confusion matrix (JSON + PNG)")
+    sp.add_argument("--model", required=True, help="base model folder or irtuning:// reference (a full fine-tuning "
+                    "output folder for a fully fine-tuned model)")
+    sp.add_argument("--adapter", default=None, help="LoRA output folder: an Axolotl output_dir (completion setup) or "
+                    "a seq-cls output (irtuning_seq_cls.json in it)")
     sp.add_argument("--split", default="test", choices=("train", "val", "test"))
-    sp.add_argument("--data", default=None, help="data folder (default: the built-in data set)")
+    sp.add_argument("--data", default=None, help="data folder: built-in or `irtuning convert` output (default: the "
+                    "built-in data set)")
     sp.add_argument("--limit", type=int, default=None)
-    sp.add_argument("--json", default=None, help="write the metrics here")
+    sp.add_argument("--report-dir", default=None, help="where eval.json and confusion.png go (default: "
+                    "ADAPTER/eval-SPLIT, MODEL/eval-SPLIT for a local model, else ./eval-SPLIT)")
+    sp.add_argument("--json", default=None, help="also copy eval.json here")
     sp.set_defaults(func=_cmd_eval)
+    sp = sub.add_parser("convert", help="convert the paper's released data files into our records")
+    sp.add_argument("dataset", choices=("iterater", "argrevision"))
+    sp.add_argument("src", help="iterater: the folder with train.json, dev.json, test.json; "
+                    "argrevision: revision_purpose.xlsx (or a .csv of it)")
+    sp.add_argument("out", help="output folder (replaced): train/val/test.jsonl + manifest.json")
+    sp.add_argument("--seed", type=int, default=171, help="argrevision: seed of the reference's 80/10/10 split")
+    sp.set_defaults(func=_cmd_convert)
+    sp = sub.add_parser("train-seqcls", help="the paper's classifier setup: last-token head + LoRA on a plain Trainer")
+    sp.add_argument("--model", required=True, help="base model folder, hub id or irtuning:// reference")
+    sp.add_argument("--data", default=None, help="data folder (default: the built-in data set)")
+    sp.add_argument("--output", required=True, help="output folder (adapter + head, or the full model)")
+    sp.add_argument("--strategy", default="ir", help="irtuning_strategy")
+    sp.add_argument("--set", action="append", default=[], metavar="irtuning_KEY=VALUE", help="any irtuning_* key")
+    sp.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA (irtuning_scope: full)")
+    sp.add_argument("--max-steps", type=int, default=None)
+    sp.add_argument("--epochs", type=float, default=None, help="default 4 (the paper)")
+    sp.add_argument("--batch-size", type=int, default=None, help="default 16 (the paper)")
+    sp.add_argument("--lr", type=float, default=None, help="default 2e-4 (the paper)")
+    sp.add_argument("--warmup-steps", type=int, default=None, help="default 100 (the paper)")
+    sp.add_argument("--seed", type=int, default=None, help="default 171 (the paper)")
+    sp.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                    help="weights' dtype (bfloat16 for 7-8B models on a GPU)")
+    sp.set_defaults(func=_cmd_train_seqcls)
     sp = sub.add_parser("summary", help="summarise a finished run's selection")
     sp.add_argument("output_dir")
     sp.set_defaults(func=_cmd_summary)

@@ -11,6 +11,15 @@ Frozen layers get ``requires_grad=False`` and ``grad=None``, so AdamW neither st
 and keeps their moments for when they return (``frozen_optimizer_state: keep``); ``cpu`` moves those
 moments to CPU memory while the layer is frozen, ``drop`` deletes them. ``memory_account()`` gives the
 exact bytes held in trainable parameters, gradients and optimizer state, on the accelerator and elsewhere.
+
+``state_dict()`` / ``load_state_dict()`` hold everything the next choice depends on (scores, measured
+flags, the active set, the generator, the strategy's own state), so a run resumed from a checkpoint
+selects exactly what the uninterrupted run selects; ``begin(..., state=...)`` restores instead of
+choosing afresh.
+
+Non-finite gradient norms (NaN/inf) keep the reference's rule (the layer scores ``SENTINEL_SCORE`` =
+1000, so it tends to be chosen again); the layers concerned are listed in each step's row
+(``nonfinite_layers``) and the first such step is warned about once on the console.
 """
 
 from __future__ import annotations
@@ -41,6 +50,9 @@ class SelectionError(RuntimeError):
     """The engine cannot run in the setup it was given (raised before training starts)."""
 
 
+STATE_VERSION = 1
+
+
 def _dist_world():
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_world_size(), torch.distributed.get_rank()
@@ -64,6 +76,8 @@ class LayerSelectionEngine:
         self.scores = torch.full((L,), SENTINEL_SCORE, dtype=torch.float64)
         self.ever_measured = torch.zeros(L, dtype=torch.bool)
         self.fresh = torch.zeros(L, dtype=torch.bool)
+        self.nonfinite = torch.zeros(L, dtype=torch.bool)  # measured this step with a NaN/inf norm
+        self.nonfinite_warned = False
         self.active: list[int] = list(range(L))
         params, ids = self.layer_map.flat()
         self._params = params
@@ -143,16 +157,75 @@ class LayerSelectionEngine:
         LOG.info("irtuning: removed the embedding-output requires-grad hook; backprop stops at the lowest "
                  "trained layer")
 
-    def begin(self, optimizer: Any = None, train_dataloader: Any = None, *, check_optimizer: bool = True) -> list[int]:
+    def check_layers(self) -> None:
+        """Refuse layers with nothing selectable: a strategy would count them as trained slots (an IR layer
+        never measured keeps score 1000 and is chosen every step) that train nothing. ``all`` is exempt:
+        it chooses every layer anyway."""
+        empty = self.layer_map.empty_layers
+        if empty and self.strategy.name != "all":
+            raise SelectionError(
+                f"irtuning: decoder layer(s) {empty} of {self.num_layers} hold no selectable "
+                f"{'trainable adapter ' if self.config.scope == 'adapter' else ''}tensors at train start (LoRA "
+                f"not applied there, or frozen before training), so irtuning_strategy={self.strategy.name!r} "
+                f"would count them as trained while they train nothing: apply the adapter to every decoder "
+                f"layer (no layers_to_transform, no freezing), or use irtuning_strategy: all")
+
+    def begin(self, optimizer: Any = None, train_dataloader: Any = None, *, check_optimizer: bool = True,
+              state: dict | None = None) -> list[int]:
+        """Check the set-up and choose the layers of the first step, or, given ``state`` (from
+        :meth:`state_dict`, e.g. of a checkpoint), restore the selection it holds and apply it."""
         if check_optimizer:
             self.check_optimizer(optimizer)
+        self.check_layers()
         self.optimizer = getattr(optimizer, "optimizer", optimizer)
         if self.config.cut_backward:
             self._cut_backward()
         self.strategy.setup(self)
         self.started = True
-        self._select(step=0, train_dataloader=train_dataloader)
+        if state is None:
+            self._select(step=0, train_dataloader=train_dataloader)
+        else:
+            self.load_state_dict(state)
+            set_layers_trainable(self.layer_map, self.active)
+            frozen = set(range(self.num_layers)) - set(self.active)
+            self._place_optimizer_state(frozen=frozen, selected=set(self.active))
         return self.active
+
+    # ---- checkpoint state ------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """What the next choice depends on; tensors on CPU, plain Python otherwise (torch.save-able)."""
+        return {
+            "version": STATE_VERSION,
+            "strategy": self.strategy.name,
+            "num_layers": self.num_layers,
+            "seed": self.seed,
+            "scores": self.scores.clone(),
+            "ever_measured": self.ever_measured.clone(),
+            "fresh": self.fresh.clone(),
+            "active": list(self.active),
+            "generator": self.generator.get_state(),
+            "nonfinite_warned": self.nonfinite_warned,
+            "strategy_state": self.strategy.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise SelectionError(f"irtuning: selection state of version {state.get('version')!r}; this "
+                                 f"irtuning reads version {STATE_VERSION}")
+        for key, mine in (("strategy", self.strategy.name), ("num_layers", self.num_layers)):
+            if state[key] != mine:
+                raise SelectionError(f"irtuning: the checkpoint's selection state has {key}={state[key]!r} but "
+                                     f"this run has {key}={mine!r}; resume with the same irtuning settings")
+        active = [int(i) for i in state["active"]]
+        if not active or min(active) < 0 or max(active) >= self.num_layers:
+            raise SelectionError(f"irtuning: the checkpoint's selection state has invalid active layers {active}")
+        self.scores = state["scores"].detach().to(torch.float64).cpu().clone()
+        self.ever_measured = state["ever_measured"].detach().bool().cpu().clone()
+        self.fresh = state["fresh"].detach().bool().cpu().clone()
+        self.active = active
+        self.generator.set_state(state["generator"])
+        self.nonfinite_warned = bool(state.get("nonfinite_warned", False))
+        self.strategy.load_state_dict(state.get("strategy_state") or {})
 
     # ---- per step -----------------------------------------------------------------------------
     def collect_scores(self, *, step_skipped: bool = False) -> torch.Tensor:
@@ -163,6 +236,7 @@ class LayerSelectionEngine:
         """
         t0 = time.perf_counter()
         fresh = torch.zeros(self.num_layers, dtype=torch.bool)
+        nonfinite = torch.zeros(self.num_layers, dtype=torch.bool)
         self.step_skipped = bool(step_skipped)
         if not step_skipped:
             grads, ids = [], []
@@ -173,12 +247,15 @@ class LayerSelectionEngine:
             if grads:
                 res = layer_grad_norms(grads, ids, self.num_layers, backend=self.config.kernel_backend)
                 per_tensor_sq, measured = res.per_tensor_sq, res.measured.cpu()
+                # NaN/inf gradient norms (a skipped fp16 step's overflow is not one: it is never scored)
+                nonfinite = measured & ~torch.isfinite(res.per_layer_sq.detach().cpu())
             else:
                 per_tensor_sq, measured = torch.zeros(0, dtype=torch.float64), fresh
             layer_scores, fresh = self.strategy.step_scores(
                 per_tensor_sq, torch.as_tensor(ids, dtype=torch.long), measured)
             self.scores[fresh] = layer_scores[fresh].double()
         self.fresh = fresh
+        self.nonfinite = nonfinite
         self.ever_measured |= fresh
         self.scored_this_step = True
         self.last_score_seconds = time.perf_counter() - t0
@@ -188,6 +265,15 @@ class LayerSelectionEngine:
         """Record the step that just ended and choose (and apply) the layers of the next one."""
         if not self.scored_this_step:
             self.fresh = torch.zeros(self.num_layers, dtype=torch.bool)
+            self.nonfinite = torch.zeros(self.num_layers, dtype=torch.bool)
+        nonfinite = [i for i in range(self.num_layers) if bool(self.nonfinite[i])]
+        if nonfinite and not self.nonfinite_warned:
+            self.nonfinite_warned = True
+            LOG.warning("irtuning: NON-FINITE (NaN/inf) gradient norms at optimizer step %d in layer(s) %s: they "
+                        "score %s (the reference's rule), so they tend to be chosen again; training has likely "
+                        "diverged (learning rate too high? fp16 overflow?). Each step's nonfinite_layers field in "
+                        "irtuning_selection.jsonl lists them; this warning is shown once.",
+                        step, nonfinite, SENTINEL_SCORE)
         row = {
             "step": int(step),
             "active": list(self.active),
@@ -195,6 +281,7 @@ class LayerSelectionEngine:
             "lowest_active": min(self.active) if self.active else None,
             "scores": [round(float(s), 6) for s in self.scores],
             "fresh": [i for i in range(self.num_layers) if bool(self.fresh[i])],
+            "nonfinite_layers": nonfinite,
             "score_ms": round(self.last_score_seconds * 1e3, 3),
         }
         if self.step_skipped:
@@ -288,7 +375,13 @@ class LayerSelectionEngine:
         mask = torch.zeros(self.num_layers, dtype=torch.uint8, device=device)
         mask[chosen] = 1
         torch.distributed.broadcast(mask, src=0)
-        return mask.nonzero().flatten().cpu().tolist()
+        agreed = mask.nonzero().flatten().cpu().tolist()
+        if agreed != chosen and not getattr(self, "_rank_divergence_warned", False):
+            # Signals are combined across ranks before the choice, so this means a strategy's state drifted.
+            self._rank_divergence_warned = True
+            LOG.warning("irtuning: rank %d chose layers %s but rank 0 chose %s; rank 0's choice is used on every "
+                        "rank (warned once)", _dist_world()[1], chosen, agreed)
+        return agreed
 
     def metrics(self, per_layer: bool = False) -> dict[str, float]:
         """Figures of the optimizer step that ended last (what the Trainer logs next to its loss)."""

@@ -1,9 +1,13 @@
 """Which parameters belong to which decoder layer.
 
 The decoder stack is found generically (the largest ``nn.ModuleList`` of identical blocks), also
-through PEFT wrappers, or named explicitly with a dotted path. Only parameters inside the blocks are
-ever toggled; trainable parameters outside them (embeddings, final norm, head, modules_to_save) are
-reported and left as they are.
+through PEFT wrappers, or named explicitly with a dotted path (which may also point at an
+``nn.Sequential`` of blocks). Only parameters inside the blocks are ever toggled; trainable parameters
+outside them (embeddings, final norm, head, modules_to_save) are reported and left as they are.
+
+A layer with nothing selectable (no trainable adapter tensor: LoRA not applied there, or frozen before
+training) keeps its index, is named in :meth:`LayerMap.describe`, and is refused at train start by the
+engine for every strategy but ``all``: left in, it would count as a trained layer that trains nothing.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ class LayerMap:
     """Decoder blocks and the selectable parameters of each."""
 
     layers_path: str
-    layers: nn.ModuleList
+    layers: nn.ModuleList | nn.Sequential
     scope: str
     params: list[list[nn.Parameter]]
     names: list[list[str]]
@@ -49,12 +53,20 @@ class LayerMap:
             ids.extend([i] * len(ps))
         return out, ids
 
+    @property
+    def empty_layers(self) -> list[int]:
+        """Layers without any selectable tensor (refused at train start except by strategy ``all``)."""
+        return [i for i, ps in enumerate(self.params) if not ps]
+
     def describe(self) -> str:
         n = sum(p.numel() for ps in self.params for p in ps)
+        empty = self.empty_layers
         return (
             f"{self.num_layers} layers at '{self.layers_path}', scope={self.scope}, "
             f"{sum(len(p) for p in self.params)} selectable tensors ({n:,} parameters); "
             f"{len(self.outside_trainable)} trainable tensors outside the layers are never toggled"
+            + (f"; layers {empty} hold nothing selectable (refused at train start unless irtuning_strategy: all)"
+               if empty else "")
         )
 
 
@@ -85,11 +97,13 @@ def _candidate_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     return found
 
 
-def find_decoder_layers(model: nn.Module, layers_path: str | None = None) -> tuple[str, nn.ModuleList]:
+def find_decoder_layers(model: nn.Module, layers_path: str | None = None) -> tuple[str, nn.ModuleList | nn.Sequential]:
     """Return ``(path, module_list)`` of the decoder blocks of ``model``.
 
-    ``layers_path`` is a dotted path from ``model`` (e.g. ``model.layers``); for a PEFT-wrapped model it
-    may also be given relative to the base model, as in an unwrapped recipe.
+    ``layers_path`` is a dotted path from ``model`` (e.g. ``model.layers``) to an ``nn.ModuleList`` or an
+    ``nn.Sequential`` of blocks; for a PEFT-wrapped model it may also be given relative to the base model,
+    as in an unwrapped recipe. Found automatically, only an ``nn.ModuleList`` qualifies (a Sequential is
+    as often an MLP as a block stack).
     """
     if layers_path:
         roots = [("", model)]
@@ -100,13 +114,13 @@ def find_decoder_layers(model: nn.Module, layers_path: str | None = None) -> tup
             roots.append((prefix, base))
         for prefix, root in roots:
             mod = _resolve(root, layers_path)
-            if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            if isinstance(mod, (nn.ModuleList, nn.Sequential)) and len(mod) > 0:
                 full = f"{prefix}.{layers_path}" if prefix else layers_path
                 return full, mod
         cands = ", ".join(n for n, _ in _candidate_lists(model)[:5]) or "none"
         raise LayerMapError(
-            f"irtuning_layers_path={layers_path!r} does not resolve to a non-empty nn.ModuleList of this "
-            f"model (candidates found: {cands})"
+            f"irtuning_layers_path={layers_path!r} does not resolve to a non-empty nn.ModuleList or "
+            f"nn.Sequential of this model (candidates found: {cands})"
         )
     cands = _candidate_lists(model)
     if not cands:

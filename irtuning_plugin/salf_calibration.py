@@ -22,15 +22,22 @@ on the normed space) at the positions that are trained (``labels[:, t + 1] != -1
   unrelated directions have unit variance whatever the hidden size ``d``.
 
 Logits are fp32 and built for at most ``LOGIT_ELEMENTS / V`` token rows at a time.
+
+A sequence-classification model (class-index labels, one per example; a ``score``/``classifier`` head
+instead of an LM head) is read the same way through its own head: ``logit_lens`` puts the hidden state of
+each example's last non-padding token through the final norm and the classification head, and the
+deviation is the cross-entropy of the gold class (the last point is the model's loss).
+``vocab_semantics`` needs a vocabulary and is refused there.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -153,6 +160,49 @@ class _Reader:
         return total
 
 
+_CLASSIFIER_HEADS = ("score", "classifier")
+
+
+def classifier_head(model: nn.Module) -> nn.Module | None:
+    """The classification head of a sequence-classification model (PEFT's wrapper of it included)."""
+    base = _base_model(model)
+    for name in _CLASSIFIER_HEADS:
+        head = getattr(base, name, None)
+        if isinstance(head, nn.Module):
+            return head
+    return None
+
+
+class _ClassReader:
+    """Cross-entropy of the gold class through the final norm and the classification head."""
+
+    def __init__(self, model: nn.Module, metric: str):
+        if metric != "logit_lens":
+            raise CalibrationError(f"irtuning_salf_metric={metric!r} reads through a vocabulary, which a "
+                                   f"sequence-classification model does not have; use irtuning_salf_metric: logit_lens")
+        self.norm = find_final_norm(model)
+        self.head = classifier_head(model)
+        params = list(self.head.parameters())
+        self.device = params[0].device
+        norm_params = list(self.norm.parameters())
+        self.norm_dtype = norm_params[0].dtype if norm_params else None
+
+    def ce_sum(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        h = hidden.to(self.norm_dtype) if self.norm_dtype is not None else hidden
+        logits = self.head(self.norm(h)).float()
+        return F.cross_entropy(logits, targets.to(logits.device), reduction="sum").double().to(self.device)
+
+
+def _last_token_positions(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Index of each row's last non-padding token, found as transformers' classifiers find it."""
+    ids = batch["input_ids"]
+    pad = getattr(getattr(_base_model(model), "config", None), "pad_token_id", None)
+    if pad is None:
+        return torch.full((ids.shape[0],), ids.shape[1] - 1, dtype=torch.long, device=ids.device)
+    idx = torch.arange(ids.shape[1], device=ids.device)
+    return (idx * (ids != pad)).argmax(-1)
+
+
 # ---- the calibration pass ------------------------------------------------------------------------
 @dataclass
 class DeviationCurve:
@@ -193,12 +243,21 @@ def deviation_curve(model: nn.Module, layers: Sequence[nn.Module], batches: Iter
     ``model`` is the (PEFT-wrapped) causal LM, ``layers`` its decoder blocks in order. Runs in eval mode
     without gradients; every module's train/eval flag is restored afterwards.
     """
-    reader = _Reader(model, metric, temperature)
+    batches = iter(batches)
+    first = next(batches, None)
+    labels = first.get("labels") if isinstance(first, Mapping) else None
+    classify = isinstance(labels, torch.Tensor) and labels.dim() == 1 and classifier_head(model) is not None
+    reader = _ClassReader(model, metric) if classify else _Reader(model, metric, temperature)
+    batches = [] if first is None else itertools.chain([first], batches)
     L = len(layers)
     sums = torch.zeros(L + 1, dtype=torch.float64, device=reader.device)
     state: dict[str, Any] = {}
 
     def read(space: int, hidden: torch.Tensor) -> None:
+        if classify:
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            sums[space] += reader.ce_sum(hidden[rows, state["positions"].to(hidden.device)], state["targets"])
+            return
         selected = hidden[:, :-1][state["positions"].to(hidden.device)]
         sums[space] += reader.ce_sum(selected, state["targets"])
 
@@ -222,7 +281,10 @@ def deviation_curve(model: nn.Module, layers: Sequence[nn.Module], batches: Iter
     try:
         for batch in batches:
             batch = {k: v.to(input_device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            positions, targets = _targets(batch)
+            if classify:
+                positions, targets = _last_token_positions(model, batch), batch["labels"]
+            else:
+                positions, targets = _targets(batch)
             count += 1
             if targets.numel() == 0:
                 continue

@@ -37,9 +37,10 @@ class RandomTokens(Dataset):
 def make_trainer(model, out_dir, max_steps=6, max_grad_norm=0.0, optimizers=(None, None), **kw):
     from transformers import Trainer, TrainingArguments
 
+    kw = {"save_strategy": "no", **kw}
     args = TrainingArguments(
         output_dir=str(out_dir), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=1e-2,
-        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, max_grad_norm=max_grad_norm,
+        logging_steps=1, report_to=[], use_cpu=True, max_grad_norm=max_grad_norm,
         seed=7, weight_decay=0.1, lr_scheduler_type="constant", dataloader_num_workers=0, **kw,
     )
     return Trainer(model=model, args=args, train_dataset=RandomTokens(), optimizers=optimizers)

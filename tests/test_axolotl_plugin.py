@@ -68,7 +68,7 @@ def test_bad_input_is_refused_before_training(tiny_model_dir, over, fragment):
 
 
 def test_paper_recipe_validates():
-    cfg = yaml.safe_load((RECIPES / "llama-3.1-8b-instruct-iterater-ir-lora.yaml").read_text())
+    cfg = yaml.safe_load((RECIPES / "iterater" / "llama-3.1-8b-instruct" / "ir-lora.yaml").read_text())
     cfg["datasets"][0]["path"] = "/nonexistent/train.jsonl"  # validation does not read data
     out = validate(cfg)
     assert out.lora_r == 32 and out.lora_alpha == 64 and out.learning_rate == 2e-4 and out.seed == 171

@@ -185,3 +185,137 @@ def test_manual_callback_without_trainer_scores_clipped_gradients(tmp_path):
     trainer.add_callback(cb)
     trainer.train()
     assert len(cb.rows) == 2 and cb.rows[0]["fresh"] == cb.rows[0]["active"]
+
+
+# ---- issue 17: NaN gradients, layers with nothing selectable, nn.Sequential, gradient checkpointing --------
+class NaNFromStep(TrainerCallback):
+    """Makes one LoRA gradient of ``layer`` NaN from optimizer step ``start`` (1-based) on."""
+
+    def __init__(self, param, start):
+        self.on, self.start = False, start
+        param.register_hook(lambda g: g * float("nan") if self.on else g)
+
+    def on_step_begin(self, args, state, control, **kw):
+        self.on = state.global_step + 1 >= self.start
+
+
+def test_nonfinite_gradients_are_logged_per_row_and_warned_once(tmp_path, caplog):
+    model = tiny_peft_llama()
+    trainer = make_trainer(model, tmp_path, max_steps=4)
+    attach_layer_selection(trainer, SelectionConfig(strategy="all"))
+    trainer.add_callback(NaNFromStep(build_layer_map(model).params[3][0], start=2))
+    with caplog.at_level("WARNING", logger="irtuning_plugin.engine"):
+        trainer.train()
+    rows = read_selection_log(tmp_path / "irtuning_selection.jsonl")
+    assert rows[0]["nonfinite_layers"] == []
+    assert rows[1]["nonfinite_layers"] == [3]  # only that gradient is NaN at step 2 (no clipping)
+    assert rows[1]["scores"][3] == 1000.0  # the reference's rule stays the default
+    assert all(r["nonfinite_layers"] for r in rows[1:])  # NaN weights keep every later step non-finite
+    warnings = [r.getMessage() for r in caplog.records if "NON-FINITE" in r.getMessage()]
+    assert len(warnings) == 1 and "optimizer step 2" in warnings[0] and "[3]" in warnings[0]
+    run = json.loads((tmp_path / "irtuning_run.json").read_text())
+    assert run["nonfinite_steps"] == [2, 3, 4]
+
+
+def test_nonfinite_flag_is_only_set_for_measured_layers(tmp_path):
+    """A frozen (unmeasured) layer has a NaN placeholder norm inside the kernel, which is not a NaN gradient."""
+    cb, _, _ = run_tiny(tmp_path, max_steps=3)
+    assert all(r["nonfinite_layers"] == [] for r in cb.rows)
+    assert any(len(r["fresh"]) < 6 for r in cb.rows)
+
+
+def _freeze_layer0(model):
+    for name, p in model.named_parameters():
+        if "layers.0." in name and "lora_" in name:
+            p.requires_grad_(False)
+
+
+def test_layer_with_nothing_selectable_is_refused_at_train_start(tmp_path):
+    model = tiny_peft_llama()
+    _freeze_layer0(model)
+    lm = build_layer_map(model)
+    assert lm.empty_layers == [0] and "layers [0] hold nothing selectable" in lm.describe()
+    trainer = make_trainer(model, tmp_path, max_steps=2)
+    attach_layer_selection(trainer, SelectionConfig(strategy="ir"))
+    with pytest.raises(SelectionError, match=r"decoder layer\(s\) \[0\] of 6 hold no selectable"):
+        trainer.train()
+
+
+def test_layer_with_nothing_selectable_is_harmless_under_all(tmp_path):
+    model = tiny_peft_llama()
+    _freeze_layer0(model)
+    trainer = make_trainer(model, tmp_path, max_steps=2)
+    cb = attach_layer_selection(trainer, SelectionConfig(strategy="all"))
+    trainer.train()
+    assert cb.rows[-1]["fresh"] == [1, 2, 3, 4, 5]
+
+
+def sequential_peft_llama():
+    """The tiny Llama with its decoder blocks in an nn.Sequential (LlamaModel iterates a slice of it)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from helpers_tiny import TARGETS
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    base = LlamaForCausalLM(cfg)
+    base.model.layers = torch.nn.Sequential(*base.model.layers)
+    lcfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS, init_lora_weights=False,
+                      task_type="CAUSAL_LM")
+    return get_peft_model(base, lcfg)
+
+
+def test_decoder_blocks_in_a_sequential_work_when_named(tmp_path):
+    model = sequential_peft_llama()
+    with pytest.raises(LayerMapError, match="set irtuning_layers_path"):
+        build_layer_map(model)  # found automatically only as a ModuleList
+    lm = build_layer_map(model, layers_path="model.layers")  # relative to the base model
+    assert isinstance(lm.layers, torch.nn.Sequential) and lm.num_layers == 6
+    trainer = make_trainer(model, tmp_path, max_steps=4, max_grad_norm=1.0)
+    cb = attach_layer_selection(trainer, SelectionConfig(strategy="ir", layers_path="model.layers"))
+    rec = Recorder(lm)
+    trainer.add_callback(rec)
+    trainer.train()
+    for row, changed in zip(cb.rows, rec.changed, strict=True):
+        trained = [i for i, flags in enumerate(changed) if any(flags)]
+        assert trained == row["active"]
+    assert any(r["n_active"] < 6 for r in cb.rows)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_selected_layers_get_gradients_under_gradient_checkpointing(tmp_path, reentrant):
+    model = tiny_peft_llama()
+    trainer = make_trainer(model, tmp_path, max_steps=4, gradient_checkpointing=True,
+                           gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    cb = attach_layer_selection(trainer, SelectionConfig(strategy="ir"))
+    rec = Recorder(build_layer_map(model))
+    trainer.add_callback(rec)
+    trainer.train()
+    assert cb.engine.backward_cut is (not reentrant)
+    for row, has in zip(cb.rows, rec.has_grad, strict=True):
+        with_grad = [i for i, flags in enumerate(has) if all(flags)]
+        without = [i for i, flags in enumerate(has) if not any(flags)]
+        assert with_grad == row["active"] and sorted(with_grad + without) == list(range(6))
+    assert any(r["n_active"] < 6 for r in cb.rows)
+
+
+@pytest.mark.slow
+def test_axolotl_console_warns_once_about_nonfinite_gradients(tmp_path, tiny_model_dir):
+    """The issue's repro: learning_rate 1e30 on the tiny-model recipe through `axolotl train`."""
+    from test_axolotl_plugin import base_cfg, run_axolotl, slice_of_train
+
+    data = slice_of_train(tmp_path, 32)
+    out = tmp_path / "out"
+    cfg = base_cfg(tiny_model_dir, datasets=[{"path": str(data), "ds_type": "json", "type": "input_output"}],
+                   output_dir=str(out), dataset_prepared_path=str(tmp_path / "prepared"), max_steps=4,
+                   learning_rate=1.0e30, lr_scheduler="constant", warmup_steps=0, save_strategy="no",
+                   val_set_size=0, seed=3)
+    log = run_axolotl(tmp_path, cfg)
+    rows = read_selection_log(out / "irtuning_selection.jsonl")
+    bad = [r for r in rows if r["nonfinite_layers"]]
+    assert bad, [r["scores"] for r in rows]
+    first = bad[0]
+    assert log.count("NON-FINITE") == 1
+    assert f"optimizer step {first['step']} in layer(s) {first['nonfinite_layers']}" in log

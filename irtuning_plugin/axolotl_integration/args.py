@@ -108,8 +108,24 @@ def validate_axolotl_config(data: dict) -> dict:
     # torch_compile: auto becomes true on torch >= 2.5.1 (Axolotl resolves it after this validator)
     check_training_setup(config, torch_compile=data.get("torch_compile"), deepspeed=data.get("deepspeed"),
                          fsdp=data.get("fsdp"), fsdp_config=data.get("fsdp_config"))
+    _ddp_unused_parameters(data, config)
     _check_on_meta_model(data, config)
     return data
+
+
+def _ddp_unused_parameters(data: dict, config) -> None:
+    """Frozen layers get no gradient; DDP stops on that unless it looks for unused parameters, and Axolotl
+    builds DDP with ddp_find_unused_parameters=False when the key is unset. So: unset -> true (only read
+    under DDP), explicitly false -> refused."""
+    if config.strategy == "all":
+        return
+    value = data.get("ddp_find_unused_parameters")
+    if value is None:
+        data["ddp_find_unused_parameters"] = True
+    elif value is False:
+        raise StrategyConfigError(f"ddp_find_unused_parameters: false cannot work with irtuning_strategy={config.strategy!r}: "
+                                  f"frozen layers get no gradient, which DDP then refuses; set it to true or "
+                                  f"remove it")
 
 
 def _build_args_model() -> type[BaseModel]:

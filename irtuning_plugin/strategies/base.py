@@ -234,6 +234,16 @@ class SelectionStrategy:
     def select(self, ctx: SelectionContext) -> Sequence[int]:
         raise NotImplementedError
 
+    def state_dict(self) -> dict[str, Any]:
+        """The strategy's own state (beyond the engine's scores, active set and generator) that its next
+        choices depend on; saved with every checkpoint. Tensors on CPU, otherwise plain Python."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (called after :meth:`setup` when a run resumes)."""
+        if state:
+            raise ValueError(f"strategy {self.name!r} keeps no state but was given {sorted(state)}")
+
     def log_fields(self) -> dict[str, Any]:
         """Extra JSON-serialisable fields for this step's row of the selection log (e.g. a calibration
         result); merged into the row of the step that just ended."""

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
+from irtuning_plugin.distributed import mean_over_ranks
 from irtuning_plugin.strategies.base import (
     SelectionContext,
     SelectionStrategy,
@@ -245,6 +246,27 @@ class ISTStrategy(SelectionStrategy):
         self._engine: "LayerSelectionEngine | None" = None
         self._data_generator: torch.Generator | None = None
         self._last_update: dict | None = None
+        self._pending_order: list[int] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Importance scores, the estimation generator and what is left of its shuffled order (an iterable
+        dataset's position in its second pass is not saved: after a resume that pass starts again)."""
+        return {
+            "importance": self.importance.clone(),
+            "data_generator": None if self._data_generator is None else self._data_generator.get_state(),
+            "data_order": list(self.data._order) if self.data is not None else self._pending_order,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.importance = state["importance"].detach().to(torch.float64).cpu().clone()
+        if state.get("data_generator") is not None:
+            if self._data_generator is None:
+                self._data_generator = torch.Generator()
+            self._data_generator.set_state(state["data_generator"])
+        order = state.get("data_order")
+        self._pending_order = None if order is None else [int(i) for i in order]
+        if self.data is not None and self._pending_order is not None:
+            self.data._order = self._pending_order
 
     def setup(self, engine: "LayerSelectionEngine") -> None:
         if engine.config.scope != "adapter":
@@ -280,6 +302,9 @@ class ISTStrategy(SelectionStrategy):
                     losses.append(mean_loss(model, batches))
         finally:
             model.train(was_training)
+        # Under DDP each rank ran its own passes (an iterable dataset gives each rank other examples): the
+        # update uses the mean over ranks, so every rank keeps the same importance.
+        losses = mean_over_ranks(losses)
         self.importance = ist_score_update(self.importance, sets, losses, float(opts.lr))
         return {"suppressed": sets, "losses": [round(x, 6) for x in losses],
                 "importance": [round(float(x), 6) for x in self.importance]}
@@ -292,6 +317,8 @@ class ISTStrategy(SelectionStrategy):
                                           "importance updates); drive the engine through LayerSelectionCallback")
             self.data = EstimationData(ctx.train_dataloader, int(self.options.estimation_batch),
                                        self._data_generator or torch.Generator().manual_seed(engine.seed + 1))
+            if self._pending_order is not None:
+                self.data._order = list(self._pending_order)
         if self._is_update_step(ctx.step):
             self._last_update = self.update_importance(engine.model, engine.layer_map.layers, ctx.generator)
         n_train = int(float(self.options.train_fraction) * ctx.num_layers)

@@ -11,6 +11,7 @@ is in the README's "SALF" section (../shared/ALGORITHMS.md §5).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import numbers
@@ -192,6 +193,20 @@ class SALFStrategy(SelectionStrategy):
         with _rng_untouched(loader):
             batches = itertools.islice(iter(loader), int(self.options.calibration_batches))
             self.calibrate(ctx.engine.model, ctx.engine.layer_map.layers, batches)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The cut and the calibration behind it: a resumed run keeps the cut and does not calibrate again."""
+        fit = None if self.fit is None else {k: float(v) for k, v in dataclasses.asdict(self.fit).items()}
+        floats = (lambda xs: None if xs is None else [float(x) for x in xs])  # noqa: E731 - plain floats for torch.load
+        return {"cut": self.cut, "deviation": floats(self.deviation), "gains": floats(self.gains), "fit": fit,
+                "report": dict(self.report), "logged": self._logged}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.cut = None if state.get("cut") is None else int(state["cut"])
+        self.deviation, self.gains = state.get("deviation"), state.get("gains")
+        self.fit = None if state.get("fit") is None else PowerLawFit(**state["fit"])
+        self.report = dict(state.get("report") or {})
+        self._logged = bool(state.get("logged", False))
 
     def log_fields(self) -> dict[str, Any]:
         if self._logged or not self.report:
