@@ -10,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
+from irtuning_plugin.depth_floor import check_floor_value
 from irtuning_plugin.layer_map import SCOPES
 from irtuning_plugin.strategies import get_strategy_class, registered_strategies
 from irtuning_plugin.strategies.base import KeyType, StrategyConfigError, key_types, make_options, option_fields
@@ -48,6 +49,11 @@ class SelectionConfig:
                                        "(as the references), 'cpu' = moved to CPU memory while the layer is frozen "
                                        "and back when it is selected again, 'drop' = deleted (AdamW starts it afresh "
                                        "when the layer returns)", choices=FROZEN_OPTIMIZER_STATES)
+    depth_floor: int | Literal["salf"] | None = _opt(
+        None, "layers 0..floor-1 stay frozen for the whole run, so backward never reaches them; the strategy "
+        "selects among the layers above (ir's window and split, lisa/random draws and ist's fractions apply to "
+        "those). A number of layers (0 = none), or 'salf' = the cut of the salf calibration (cut + 1). For all, "
+        "ir, ist, lisa, random")
     strategy_options: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> "SelectionConfig":
@@ -57,6 +63,7 @@ class SelectionConfig:
                 kind.check(PREFIX + name, getattr(self, name))
         if not isinstance(self.strategy_options, dict):
             raise StrategyConfigError(f"strategy_options={self.strategy_options!r}; must be a dict of option values")
+        check_floor_value(self.depth_floor, self.strategy)
         if self.kernel_backend == "triton":
             _check_triton_usable()
         make_options(cls, self.strategy_options, f"{PREFIX}{self.strategy}_")

@@ -33,6 +33,7 @@ from torch import nn
 
 from irtuning_kernels import layer_grad_norms
 from irtuning_plugin.config import PREFIX, SelectionConfig
+from irtuning_plugin.depth_floor import floored_strategy
 from irtuning_plugin.layer_map import LayerMap, build_layer_map, set_layers_trainable
 from irtuning_plugin.strategies import SENTINEL_SCORE, SelectionContext, get_strategy_class
 
@@ -68,9 +69,8 @@ class LayerSelectionEngine:
         L = self.layer_map.num_layers
         self.num_layers = L
         cls = get_strategy_class(config.strategy)
-        options = config.build_options()
-        options.check(f"{PREFIX}{config.strategy}_", L)
-        self.strategy = cls(L, options)
+        self.strategy = floored_strategy(cls, config.build_options(), L, config.depth_floor,
+                                         f"{PREFIX}{config.strategy}_")
         self.seed = int(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.scores = torch.full((L,), SENTINEL_SCORE, dtype=torch.float64)
@@ -347,9 +347,14 @@ class LayerSelectionEngine:
 
     def memory_account(self) -> dict[str, int]:
         """Exact bytes now held in trainable parameters, their gradients and the optimizer state, split
-        into ``*_accelerator`` (any non-CPU device) and ``*_host`` (CPU)."""
+        into ``*_accelerator`` (any non-CPU device) and ``*_host`` (CPU).
+
+        ``optimizer_state_bytes_offloaded``: the part of the optimizer state that ``frozen_optimizer_state:
+        cpu`` keeps off the training device (the state of frozen layers). It lies in ``*_host``; on a
+        CPU-only machine the move changes nothing, and this key still tells that state from what stays."""
         out = {f"{what}_{where}": 0 for what in ("trainable_param_bytes", "grad_bytes", "optimizer_state_bytes")
                for where in ("accelerator", "host")}
+        out["optimizer_state_bytes_offloaded"] = 0
 
         def add(what: str, t: torch.Tensor) -> None:
             out[f"{what}_{'host' if t.device.type == 'cpu' else 'accelerator'}"] += t.numel() * t.element_size()
@@ -359,11 +364,17 @@ class LayerSelectionEngine:
                 add("trainable_param_bytes", p)
             if p.grad is not None:
                 add("grad_bytes", p.grad)
+        offloaded: set[int] = set()
+        if self.config.frozen_optimizer_state == "cpu":
+            active = set(self.active)
+            offloaded = {id(p) for i, ps in enumerate(self.layer_map.params) if i not in active for p in ps}
         if self.optimizer is not None:
-            for st in self.optimizer.state.values():
+            for p, st in self.optimizer.state.items():
                 for v in st.values():
                     if torch.is_tensor(v):
                         add("optimizer_state_bytes", v)
+                        if id(p) in offloaded:
+                            out["optimizer_state_bytes_offloaded"] += v.numel() * v.element_size()
         return out
 
     def _same_on_every_rank(self, chosen: list[int]) -> list[int]:

@@ -48,6 +48,7 @@ LOG = logging.getLogger(__name__)
 
 METRICS = ("logit_lens", "vocab_semantics")
 ESTIMATORS = ("power_law", "raw")
+EMBEDDING_SPACE = ("auto", "include", "exclude")
 IGNORE_INDEX = -100
 LOGIT_ELEMENTS = 1 << 25  # fp32 logits of one chunk: 128 MiB (≈680 rows at a 49k vocabulary)
 _FINAL_NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "final_norm", "norm_f")
@@ -89,6 +90,13 @@ def find_final_norm(model: nn.Module) -> nn.Module:
     LOG.warning("irtuning salf: no final norm found on %s; latent spaces are read without one",
                 type(base).__name__)
     return nn.Identity()
+
+
+def head_is_tied(model: nn.Module) -> bool:
+    """True when the LM head reuses the input embedding matrix (``tie_word_embeddings``)."""
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    hw, ew = getattr(head, "weight", None), getattr(emb, "weight", None)
+    return hw is not None and ew is not None and (hw is ew or (hw.shape == ew.shape and hw.data_ptr() == ew.data_ptr()))
 
 
 def _lm_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -380,23 +388,27 @@ def cut_range(num_layers: int, min_trainable: int = 1, max_trainable: int | None
     return lo, hi
 
 
-def choose_cut(gains: Sequence[float], min_trainable: int = 1, max_trainable: int | None = None) -> int:
+def choose_cut(gains: Sequence[float], min_trainable: int = 1, max_trainable: int | None = None,
+               lowest: int = 0) -> int:
     """The layer of maximum gain among the cuts the bounds allow (ties: the lower layer, so more train).
 
     Layers ``0..cut`` freeze. ``−1`` (nothing frozen) only when ``min_trainable`` equals the layer count.
+    ``lowest``: layers below it are no candidates (their gain is not measured); the bounds win over it.
     """
     lo, hi = cut_range(len(gains), min_trainable, max_trainable)
     if hi < 0:
         return -1
-    lo = max(lo, 0)
+    lo = min(max(lo, 0, int(lowest)), hi)
     window = np.asarray(gains[lo:hi + 1], dtype=np.float64)
     return lo + int(np.argmax(window))
 
 
 # ---- the figure ------------------------------------------------------------------------------------
 def plot_calibration(deviation: Sequence[float], gains: Sequence[float], cut: int, path: str | Path, *,
-                     fit: PowerLawFit | None = None, title: str = "") -> Path:
-    """Deviation against latent space and gain against layer, frozen part shaded, cut marked."""
+                     fit: PowerLawFit | None = None, title: str = "", fit_from: int = 0) -> Path:
+    """Deviation against latent space and gain against layer, frozen part shaded, cut marked.
+
+    ``fit_from``: the first latent space the fit was made on (its ``k = 0``); a NaN gain is not drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -406,14 +418,14 @@ def plot_calibration(deviation: Sequence[float], gains: Sequence[float], cut: in
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(6.0, 2.0 + 0.25 * L), 6.5))
     ax1.plot(range(L + 1), deviation, marker="o", label="deviation (calibration)")
     if fit is not None:
-        ks = np.linspace(0, L, 200)
+        ks = np.linspace(fit_from, L, 200)
         sign = "+" if fit.c >= 0 else "−"
-        ax1.plot(ks, fit(ks), linestyle="--", label=f"fit {fit.a:.3g}·(k+1)^({-fit.b:.3g}) {sign} {abs(fit.c):.3g}")
+        ax1.plot(ks, fit(ks - fit_from), linestyle="--", label=f"fit {fit.a:.3g}·(k+1)^({-fit.b:.3g}) {sign} {abs(fit.c):.3g}")
     ax1.set_ylabel("deviation (mean CE)")
     ax1.set_xlabel("latent space k (0 = embeddings, k = output of layer k-1)")
     ax1.set_title(title or "SALF calibration")
     colours = ["tab:red" if layer == cut else ("tab:gray" if layer < cut else "tab:blue") for layer in range(L)]
-    ax2.bar(range(L), gains, color=colours)
+    ax2.bar(range(L), np.nan_to_num(np.asarray(gains, dtype=np.float64), nan=0.0), color=colours)
     ax2.axhline(0.0, color="black", linewidth=0.5)
     ax2.set_ylabel("gain")
     ax2.set_xlabel("layer l (maps latent space l to l+1)")

@@ -261,3 +261,55 @@ def test_layer_count_checked_by_the_engine(tiny, options, message):
     with pytest.raises(StrategyConfigError) as err:
         LayerSelectionEngine(tiny, config)
     assert str(err.value) == message and "\n" not in message
+
+
+# ---- latent space 0 under a tied head ----------------------------------------------------------------
+def _tied_peft_llama():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=L, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            init_lora_weights=False, task_type="CAUSAL_LM"))
+
+
+def test_tied_head_reads_latent_space_zero_as_the_input_token():
+    """Why 'auto' drops latent space 0 with a tied head: the logit lens of the embedding output ranks the
+    input token itself first (a copy, not a prediction), whatever the next token is."""
+    from irtuning_plugin.salf_calibration import head_is_tied
+
+    model = _tied_peft_llama()
+    assert head_is_tied(model) and not head_is_tied(tiny_peft_llama())
+    ids = _batches(1)[0]["input_ids"]
+    with torch.no_grad():
+        h0 = model.get_input_embeddings()(ids)
+        logits = find_final_norm(model)(h0) @ model.get_output_embeddings().weight.T
+    assert (logits.argmax(-1) == ids).float().mean() == 1.0
+
+
+@pytest.mark.parametrize("space,tied,excluded", [
+    ("auto", True, True), ("auto", False, False), ("include", True, False), ("exclude", False, True),
+])
+def test_embedding_space_option(space, tied, excluded):
+    model = _tied_peft_llama() if tied else tiny_peft_llama()
+    layers = build_layer_map(model).layers
+    strat = SALFStrategy(L, SALFOptions(embedding_space=space, estimator="raw"))
+    batches = _batches()
+    cut = strat.calibrate(model, layers, batches)
+    d = strat.deviation
+    assert strat.report["salf_embedding_space"] == ("excluded" if excluded else "included")
+    if excluded:
+        assert strat.report["salf_gains"][0] is None and math.isnan(strat.gains[0])
+        expected = 1 + int(np.argmax([d[k] - d[k + 1] for k in range(1, L - 1)]))  # layers 1..L-2 are candidates
+    else:
+        expected = int(np.argmax([d[k] - d[k + 1] for k in range(L - 1)]))
+    assert cut == expected
+
+
+def test_embedding_space_refused_when_unknown():
+    with pytest.raises(StrategyConfigError) as err:
+        config_from_flat({"irtuning_strategy": "salf", "irtuning_salf_embedding_space": "skip"})
+    assert str(err.value) == "irtuning_salf_embedding_space='skip'; allowed: auto, include, exclude"

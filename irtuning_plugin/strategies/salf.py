@@ -4,6 +4,9 @@ Once, before the first optimizer step, a no-gradient calibration pass over a few
 measures a deviation (a loss) in each of the L+1 latent spaces; each layer's gain is how much it lowers
 the deviation; the layer of maximum gain ``k*`` (within bounds on how many layers train) is the cut:
 layers ``0..k*`` freeze and ``k*+1..L-1`` train for the whole run, so backprop stops at ``k*+1``.
+Under a tied LM head latent space 0 is left out of the gains by default (``embedding_space: auto``):
+read through the input embedding matrix it scores the input token itself, so the drop across layer 0
+measures the tying, not the layer (on SmolLM2 it is 103 nats against at most 7 for any other layer).
 The numerics live in :mod:`irtuning_plugin.salf_calibration`; what follows the paper and what is ours
 is in the README's "SALF" section (../shared/ALGORITHMS.md §5).
 """
@@ -14,6 +17,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import math
 import numbers
 import time
 from dataclasses import dataclass
@@ -23,6 +27,7 @@ from typing import Any
 import torch
 
 from irtuning_plugin.salf_calibration import (
+    EMBEDDING_SPACE,
     ESTIMATORS,
     METRICS,
     CalibrationError,
@@ -30,6 +35,7 @@ from irtuning_plugin.salf_calibration import (
     choose_cut,
     cut_range,
     deviation_curve,
+    head_is_tied,
     layer_gains,
     plot_calibration,
 )
@@ -66,10 +72,18 @@ class SALFOptions:
     cut: int | None = option(None, "freeze layers 0..cut by hand (0..L-2) and skip the calibration")
     semantics_temperature: float | None = option(None, "temperature of the 'vocab_semantics' cosine logits "
                                                  "(default: 1/sqrt(hidden size))")
+    embedding_space: str = option("auto", "latent space 0 (the embedding output) in the gains: 'include'; 'exclude' "
+                                  "= gains from latent spaces 1..L only, so layer 0 is no candidate cut; 'auto' = "
+                                  "exclude when the LM head is tied to the input embeddings (read through a tied "
+                                  "head, latent space 0 scores the input token itself, not a prediction)",
+                                  choices=EMBEDDING_SPACE)
 
     def check(self, prefix: str, num_layers: int | None = None) -> None:
         if self.metric not in METRICS:
             raise StrategyConfigError(f"{prefix}metric={self.metric!r}; allowed: {', '.join(METRICS)}")
+        if self.embedding_space not in EMBEDDING_SPACE:
+            raise StrategyConfigError(f"{prefix}embedding_space={self.embedding_space!r}; allowed: "
+                                      f"{', '.join(EMBEDDING_SPACE)}")
         if self.estimator not in ESTIMATORS:
             raise StrategyConfigError(f"{prefix}estimator={self.estimator!r}; allowed: {', '.join(ESTIMATORS)}")
         if not _is_int(self.calibration_batches) or self.calibration_batches < 1:
@@ -147,6 +161,7 @@ class SALFStrategy(SelectionStrategy):
         self.gains: list[float] | None = None
         self.fit: PowerLawFit | None = None
         self.report: dict[str, Any] = {}
+        self.fit_from = 0
         self._logged = False
 
     def calibrate(self, model: torch.nn.Module, layers, batches) -> int:
@@ -154,8 +169,14 @@ class SALFStrategy(SelectionStrategy):
         opts = self.options
         t0 = time.perf_counter()
         curve = deviation_curve(model, layers, batches, metric=opts.metric, temperature=opts.semantics_temperature)
-        gains, fit = layer_gains(curve.deviation, opts.estimator)
-        cut = choose_cut(gains, opts.min_trainable, opts.max_trainable)
+        skip = opts.embedding_space == "exclude" or (opts.embedding_space == "auto" and head_is_tied(model))
+        self.fit_from = 1 if skip else 0
+        if skip:  # layer 0's gain is measured against latent space 0: not measured, not a candidate
+            upper, fit = layer_gains(curve.deviation[1:], opts.estimator)
+            gains = [math.nan] + upper
+        else:
+            gains, fit = layer_gains(curve.deviation, opts.estimator)
+        cut = choose_cut(gains, opts.min_trainable, opts.max_trainable, lowest=self.fit_from)
         self.cut, self.deviation, self.gains, self.fit = cut, curve.deviation, gains, fit
         self.report = {
             "salf_cut": cut,
@@ -163,7 +184,8 @@ class SALFStrategy(SelectionStrategy):
             "salf_metric": opts.metric,
             "salf_estimator": opts.estimator,
             "salf_deviation": [round(v, 6) for v in curve.deviation],
-            "salf_gains": [round(v, 6) for v in gains],
+            "salf_gains": [None if math.isnan(v) else round(v, 6) for v in gains],
+            "salf_embedding_space": "excluded" if skip else "included",
             "salf_tokens": curve.tokens,
             "salf_batches": curve.batches,
             "salf_calibration_s": round(time.perf_counter() - t0, 3),
@@ -219,6 +241,7 @@ class SALFStrategy(SelectionStrategy):
             return
         try:
             plot_calibration(self.deviation, self.gains, self.cut, Path(output_dir) / PLOT, fit=self.fit,
+                             fit_from=self.fit_from,
                              title=f"SALF calibration ({self.options.metric}, {self.options.estimator})")
         except ImportError as err:  # matplotlib is optional
             LOG.warning("irtuning salf: no plot (%s); pip install matplotlib", err)
