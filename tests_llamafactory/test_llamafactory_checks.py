@@ -49,6 +49,7 @@ def test_recipe_keys_reach_the_config():
     ({"use_badam": True}, "use_badam: BAdam trains one block of layers at a time itself"),
     ({"use_llama_pro": True}, "use_llama_pro: LLaMA Pro trains only its expanded blocks"),
     ({"use_galore": True, "galore_layerwise": True}, "galore_layerwise: layer-wise GaLore"),
+    ({"use_ray": True}, "use_ray: Ray trains in worker processes"),
     ({"deepspeed": "examples/deepspeed/ds_z3_config.json"}, "deepspeed is set: irtuning does not support DeepSpeed"),
     ({"fsdp": "full_shard"}, "fsdp is set: irtuning does not support FSDP"),
     ({"torch_compile": True}, "torch_compile=True with irtuning_strategy='ir'"),

@@ -47,6 +47,7 @@ OWN_LAYER_HANDLING = {
     "galore_layerwise": "layer-wise GaLore steps each parameter inside backward, before gradients can be scored",
     "apollo_layerwise": "layer-wise APOLLO steps each parameter inside backward, before gradients can be scored",
     "use_mca": "Megatron-Core training does not run the transformers Trainer",
+    "use_ray": "Ray trains in worker processes, out of the launcher's reach (no unclipped scores, no run record)",
 }
 # The qualified name of LLaMA-Factory's checkpoint wrapper (model/model_utils/checkpointing.py, 0.9.5).
 _LF_CHECKPOINT_WRAPPER = "get_custom_gradient_checkpointing_func.<locals>.custom_gradient_checkpointing_func"
