@@ -19,14 +19,17 @@ setup(
     include_package_data=True,
     package_data={"irtuning_plugin": ["recipes/*.yaml"]},
     install_requires=[
+        # Lower bounds = the oldest versions tested (LLaMA-Factory 0.9.5's caps: transformers 5.6.0, peft 0.18.1).
         "torch>=2.4",
-        "transformers>=4.46",
-        "peft>=0.13",
+        "transformers>=5.6",
+        "peft>=0.18",
         "numpy",
         "pyyaml",
     ],
     extras_require={
         "axolotl": ["axolotl>=0.19.0"],
+        # tested with 0.9.5 (the newest release); the launcher relies on run_exp(args, callbacks)
+        "llamafactory": ["llamafactory>=0.9.5,<0.10"],
         "triton": ["triton>=3.0"],
         "plot": ["matplotlib"],
         "demo": ["gguf", "accelerate", "matplotlib"],

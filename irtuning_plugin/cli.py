@@ -9,6 +9,8 @@
     irtuning keys                           every irtuning_* key with its default (markdown table)
     irtuning check RECIPE.yaml              validate an Axolotl recipe as `axolotl train` would, and catch
                                             irtuning_* keys without the plugin under plugins: (plain LoRA)
+    irtuning llamafactory train R.yaml [k=v ...]   LLaMA-Factory training with layer selection
+    irtuning llamafactory check R.yaml [k=v ...]   only validate the recipe
 """
 
 from __future__ import annotations
@@ -252,6 +254,27 @@ def _cmd_keys(args) -> int:
     return 0
 
 
+def _cmd_llamafactory(args) -> int:
+    from irtuning_plugin.llamafactory_integration import launcher
+
+    try:
+        cfg = launcher.load_recipe(args.recipe, args.overrides)
+        if args.action == "check":
+            config = launcher.check_recipe(launcher.resolve_recipe(cfg))
+            print(f"{args.recipe}: ok (irtuning_strategy {config.strategy}, scope {config.scope})")
+            return 0
+        launcher.check_recipe(cfg, meta_model=False)  # our keys before any asset is built
+    except ValueError as err:  # our configuration errors: one line, naming the key
+        print(f"irtuning llamafactory: error: {err}", file=sys.stderr)
+        return 2
+    callback = launcher.train(cfg)
+    if callback.engine is not None and callback.rows:
+        out = callback.trainer.args.output_dir if callback.trainer is not None else None
+        if out:
+            _print_summary(summarize_run(out))
+    return 0
+
+
 def _cmd_check(args) -> int:
     import yaml
 
@@ -342,6 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("check", help="validate an Axolotl recipe (catches irtuning_* keys without the plugin)")
     sp.add_argument("recipe")
     sp.set_defaults(func=_cmd_check)
+    sp = sub.add_parser("llamafactory", help="LLaMA-Factory training with layer selection (irtuning_* keys)")
+    sp.add_argument("action", choices=("train", "check"), help="train, or only validate the recipe")
+    sp.add_argument("recipe", help="a LLaMA-Factory training YAML with irtuning_* keys")
+    sp.add_argument("overrides", nargs="*", help="key=value overrides, as with llamafactory-cli train")
+    sp.set_defaults(func=_cmd_llamafactory)
     return p
 
 

@@ -134,7 +134,10 @@ class LayerSelectionEngine:
         for m in self.layer_map.layers:
             func = getattr(m, "_gradient_checkpointing_func", None)
             if getattr(m, "gradient_checkpointing", False) and func is not None:
-                reentrant = getattr(func, "keywords", {}).get("use_reentrant", True) is not False
+                # A wrapper marked irtuning_inputs_require_grad (LLaMA-Factory's) makes a trained layer's
+                # input require grad itself, so reentrant checkpointing needs no hook.
+                reentrant = (not getattr(func, "irtuning_inputs_require_grad", False)
+                             and getattr(func, "keywords", {}).get("use_reentrant", True) is not False)
                 break
         if reentrant:
             LOG.warning("irtuning: gradient checkpointing is reentrant, so the input-grad hook stays and the "

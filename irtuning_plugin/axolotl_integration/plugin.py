@@ -14,8 +14,24 @@ from irtuning_plugin.config import config_from_flat
 CONSOLE_LOG = logging.getLogger("axolotl.integrations.irtuning")
 
 
+def _first_instance(plugin: "IRTuningPlugin") -> bool:
+    """Axolotl >= 0.21 registers the entry-point instance, and again the one a recipe lists under another
+    name (``irtuning_plugin.IRTuningPlugin``): only the first works, else the args model would be merged
+    twice ("duplicate base class") and two callbacks would select layers."""
+    try:
+        from axolotl.integrations.base import PluginManager
+    except ImportError:  # pragma: no cover
+        return True
+    manager = getattr(PluginManager, "_instance", None)
+    plugins = getattr(manager, "plugins", {}) or {}
+    first = next((p for p in list(plugins.values()) if isinstance(p, IRTuningPlugin)), plugin)
+    return first is plugin
+
+
 class IRTuningPlugin(BasePlugin):
-    def get_input_args(self) -> str:
+    def get_input_args(self) -> str | None:
+        if not _first_instance(self):
+            return None
         return "irtuning_plugin.axolotl_integration.args.IRTuningArgs"
 
     def register(self, cfg):
@@ -23,11 +39,11 @@ class IRTuningPlugin(BasePlugin):
         from irtuning_plugin.axolotl_integration.errors import install_concise_config_errors
 
         install_concise_config_errors()
-        if plugin_active(cfg):
+        if plugin_active(cfg) and _first_instance(self):
             resolve_asset_references(cfg)
 
     def pre_lora_load(self, cfg, model):
-        if plugin_active(cfg):
+        if plugin_active(cfg) and _first_instance(self):
             # Axolotl 0.19 does not seed before creating the adapter; seeding here makes two runs with
             # the same seed start from identical LoRA weights, so strategies compare on equal terms.
             from transformers import set_seed
@@ -35,7 +51,7 @@ class IRTuningPlugin(BasePlugin):
             set_seed(int(cfg.seed) if cfg.seed is not None else 42)
 
     def post_model_load(self, cfg, model):
-        if not plugin_active(cfg):
+        if not plugin_active(cfg) or not _first_instance(self):
             return
         from irtuning_plugin.layer_map import build_layer_map
 
@@ -44,7 +60,7 @@ class IRTuningPlugin(BasePlugin):
         CONSOLE_LOG.info("irtuning: %s", build_layer_map(model, config.scope, config.layers_path).describe())
 
     def add_callbacks_post_trainer(self, cfg, trainer):
-        if not plugin_active(cfg):
+        if not plugin_active(cfg) or not _first_instance(self):
             return []
         from irtuning_plugin.callback import LayerSelectionCallback
 

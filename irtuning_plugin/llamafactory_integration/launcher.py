@@ -1,0 +1,229 @@
+"""Train a LLaMA-Factory recipe with layer selection: check our keys, then LLaMA-Factory's own ``run_exp``.
+
+    irtuning llamafactory train recipe.yaml [key=value ...]     (mirrors ``llamafactory-cli train``)
+
+1. ``irtuning_*`` keys are checked by the same code as on Axolotl (:func:`config_from_flat`), then the
+   LLaMA-Factory settings that cannot work with per-step layer selection are refused, naming the key,
+   before anything is imported from LLaMA-Factory or a weight is read.
+2. The other keys go unchanged to ``llamafactory.train.tuner.run_exp(args, callbacks=[ours])``.
+
+LLaMA-Factory builds its Trainer internally. While ``run_exp`` runs, ``transformers.Trainer.__init__`` is
+wrapped so that the Trainer holding our callback hands itself to it; the callback then scores gradients
+before the Trainer clips them, exactly as on Axolotl.
+
+LLaMA-Factory enables gradient checkpointing by default, reentrant, through its own wrapper that makes the
+first input of every layer holding trainable parameters require grad. With that wrapper the embedding-output
+hook (which peft installs for checkpointed models) is not needed, so the backward cut applies here as well.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.machinery
+import importlib.util
+import logging
+import os
+import sys
+import types
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import yaml
+
+from irtuning_plugin.config import PREFIX, SelectionConfig, check_training_setup, config_from_flat
+from irtuning_plugin.layer_map import SCOPES
+from irtuning_plugin.strategies import get_strategy_class
+
+LOG = logging.getLogger(__name__)
+
+# Stages trained by the transformers Trainer loop (PPO runs its own loop: no optimizer-step callbacks).
+TRAINER_STAGES = ("pt", "sft", "rm", "dpo", "kto")
+FINETUNING_SCOPES = {"lora": "adapter", "full": "full"}
+# LLaMA-Factory settings that select, freeze or update layers themselves.
+OWN_LAYER_HANDLING = {
+    "use_badam": "BAdam trains one block of layers at a time itself",
+    "use_llama_pro": "LLaMA Pro trains only its expanded blocks",
+    "galore_layerwise": "layer-wise GaLore steps each parameter inside backward, before gradients can be scored",
+    "apollo_layerwise": "layer-wise APOLLO steps each parameter inside backward, before gradients can be scored",
+    "use_mca": "Megatron-Core training does not run the transformers Trainer",
+    "use_ray": "Ray trains in worker processes, out of the launcher's reach (no unclipped scores, no run record)",
+}
+# The qualified name of LLaMA-Factory's checkpoint wrapper (model/model_utils/checkpointing.py, 0.9.5).
+_LF_CHECKPOINT_WRAPPER = "get_custom_gradient_checkpointing_func.<locals>.custom_gradient_checkpointing_func"
+
+
+class LlamaFactoryConfigError(ValueError):
+    """A recipe that cannot train with layer selection (one line, naming the key)."""
+
+
+def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> dict[str, Any]:
+    """The YAML recipe with ``key=value`` overrides (values parsed as YAML), as ``llamafactory-cli train``."""
+    cfg = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    if not isinstance(cfg, dict):
+        raise LlamaFactoryConfigError(f"{path}: a recipe must be a YAML mapping of keys to values")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise LlamaFactoryConfigError(f"override {item!r}: expected key=value")
+        cfg[key.strip()] = yaml.safe_load(value)
+    return cfg
+
+
+def _refuse(message: str) -> None:
+    raise LlamaFactoryConfigError(message)
+
+
+def check_recipe(cfg: Mapping[str, Any], *, meta_model: bool = True) -> SelectionConfig:
+    """Our keys first (the Axolotl checks), then the LLaMA-Factory combinations that cannot work."""
+    if cfg.get(PREFIX + "strategy") is None:
+        stray = sorted(k for k in cfg if str(k).startswith(PREFIX) and cfg[k] is not None)
+        but = f" but {stray[0]} is" if stray else ""
+        _refuse(f"irtuning_strategy is not set{but}: set irtuning_strategy (e.g. ir), or train without "
+                "layer selection with llamafactory-cli train")
+    config = config_from_flat(cfg)
+    strategy = config.strategy
+    finetuning_type = cfg.get("finetuning_type", "lora")
+    if finetuning_type == "freeze":
+        _refuse(f"finetuning_type: freeze freezes layers itself (freeze_trainable_layers), which conflicts with "
+                f"irtuning_strategy={strategy!r}: use finetuning_type: lora, or full with irtuning_scope: full")
+    if finetuning_type not in FINETUNING_SCOPES:
+        _refuse(f"finetuning_type={finetuning_type!r} is not supported with irtuning; allowed: lora "
+                f"(irtuning_scope: adapter), full (irtuning_scope: full)")
+    scopes = getattr(get_strategy_class(strategy), "scopes", SCOPES)
+    if config.scope not in scopes:
+        _refuse(f"irtuning_strategy={strategy!r} works only with irtuning_scope: {' or '.join(scopes)}, "
+                f"not irtuning_scope={config.scope!r}")
+    if config.scope == "adapter" and finetuning_type != "lora":
+        _refuse(f"irtuning_scope='adapter' (the default) selects LoRA layers but finetuning_type={finetuning_type!r}: "
+                "set finetuning_type: lora, or irtuning_scope: full")
+    if config.scope == "full" and finetuning_type != "full":
+        _refuse(f"irtuning_scope='full' selects whole layers but finetuning_type={finetuning_type!r} "
+                "(LLaMA-Factory's default is lora): set finetuning_type: full, or irtuning_scope: adapter")
+    for key, why in OWN_LAYER_HANDLING.items():
+        if cfg.get(key):
+            _refuse(f"{key}: {why}, which conflicts with irtuning_strategy={strategy!r}: remove {key}")
+    stage = cfg.get("stage", "sft")
+    if stage not in TRAINER_STAGES:
+        _refuse(f"stage={stage!r} runs its own training loop, which never calls the optimizer-step callbacks "
+                f"irtuning needs; allowed with irtuning: {', '.join(TRAINER_STAGES)}")
+    if not cfg.get("do_train"):
+        _refuse("do_train is not true: irtuning selects layers while training; set do_train: true")
+    # the refusals shared with Axolotl and the callback (DeepSpeed, FSDP, torch_compile with changing layers)
+    check_training_setup(config, torch_compile=cfg.get("torch_compile"), deepspeed=cfg.get("deepspeed"),
+                         fsdp=cfg.get("fsdp"), fsdp_config=cfg.get("fsdp_config"))
+    if cfg.get("ddp_find_unused_parameters") is False:
+        _refuse("ddp_find_unused_parameters: false, but frozen layers leave parameters unused in a step: set it "
+                "to true or remove it (irtuning sets it)")
+    if meta_model and isinstance(cfg.get("model_name_or_path"), str) and "://" not in cfg["model_name_or_path"]:
+        from irtuning_plugin.axolotl_integration.args import _check_on_meta_model
+
+        # same check as on Axolotl: the layer list resolves and the options fit its length
+        _check_on_meta_model({"base_model": cfg["model_name_or_path"],
+                              "trust_remote_code": cfg.get("trust_remote_code")}, config)
+    return config
+
+
+def resolve_recipe(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Resolve ``irtuning://`` references (model, dataset folder) to the built-in assets."""
+    from irtuning_plugin.assets.references import DATA_NAME, SCHEME, resolve_reference
+
+    out = dict(cfg)
+    for key in ("model_name_or_path", "tokenizer_name_or_path"):
+        if isinstance(out.get(key), str):
+            out[key] = resolve_reference(out[key])
+    if isinstance(out.get("dataset_dir"), str) and out["dataset_dir"].startswith(SCHEME):
+        if out["dataset_dir"].strip("/") != SCHEME + DATA_NAME:
+            raise LlamaFactoryConfigError(f"dataset_dir={out['dataset_dir']!r}; allowed reference: {SCHEME}{DATA_NAME}")
+        from irtuning_plugin.llamafactory_integration.datasets import llamafactory_dataset_dir
+
+        out["dataset_dir"] = str(llamafactory_dataset_dir())
+    return out
+
+
+def llamafactory_args(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """What LLaMA-Factory receives: every key but ours."""
+    args = {k: v for k, v in cfg.items() if not str(k).startswith(PREFIX)}
+    args.setdefault("ddp_find_unused_parameters", True)  # frozen layers are unused parameters under DDP
+    return args
+
+
+def stub_missing_torchaudio() -> bool:
+    """``llamafactory.data.mm_plugin`` imports torchaudio at top level, though text training never uses it.
+
+    When torchaudio is not installed (the CPU set-up: pip's torchaudio wheel is CUDA-linked), an empty module
+    with a spec takes its place; transformers still finds no torchaudio distribution and treats it as absent.
+    """
+    if "torchaudio" in sys.modules or importlib.util.find_spec("torchaudio") is not None:
+        return False
+    stub = types.ModuleType("torchaudio")
+    stub.__spec__ = importlib.machinery.ModuleSpec("torchaudio", None)
+    sys.modules["torchaudio"] = stub
+    LOG.info("irtuning: torchaudio is not installed; an empty stand-in lets LLaMA-Factory import (text only)")
+    return True
+
+
+def mark_llamafactory_checkpointing(model: Any) -> int:
+    """Tell the engine which checkpoint functions make a trained layer's input require grad themselves."""
+    marked = 0
+    for module in model.modules():
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        code = getattr(func, "__code__", None)
+        if code is not None and getattr(code, "co_qualname", "") == _LF_CHECKPOINT_WRAPPER:
+            func.irtuning_inputs_require_grad = True
+            marked += 1
+    return marked
+
+
+def _callback_class():
+    from irtuning_plugin.callback import LayerSelectionCallback
+
+    class LlamaFactorySelectionCallback(LayerSelectionCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            target = self.model if self.model is not None else model
+            if target is not None and mark_llamafactory_checkpointing(target):
+                LOG.info("irtuning: LLaMA-Factory's checkpoint wrapper makes trained layers' inputs require grad")
+            if self.trainer is None:
+                LOG.warning("irtuning: the LLaMA-Factory Trainer was not captured: scores are of CLIPPED gradients")
+            return super().on_train_begin(args, state, control, model=model, **kwargs)
+
+    return LlamaFactorySelectionCallback
+
+
+@contextlib.contextmanager
+def trainer_capture(callback: Any):
+    """While active, a Trainer created with ``callback`` among its callbacks hands itself to it."""
+    from transformers import Trainer
+
+    original = Trainer.__init__
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if callback.trainer is None and callback in self.callback_handler.callbacks:
+            callback.trainer = self
+
+    Trainer.__init__ = __init__
+    try:
+        yield callback
+    finally:
+        Trainer.__init__ = original
+
+
+def train(cfg: Mapping[str, Any], *, watchers: Callable[[Any], Iterable[Any]] | None = None) -> Any:
+    """Check, resolve and train; returns our callback (its ``rows`` and ``engine`` tell what happened).
+
+    ``watchers(our_callback)`` may return more Trainer callbacks (tools and tests that observe the run).
+    """
+    config = check_recipe(cfg, meta_model=False)
+    resolved = resolve_recipe(cfg)
+    check_recipe(resolved)  # now with the model's real layer count
+    stub_missing_torchaudio()
+    from llamafactory.train.tuner import run_exp
+
+    callback = _callback_class()(config)
+    with trainer_capture(callback):
+        run_exp(llamafactory_args(resolved), callbacks=[callback, *(watchers(callback) if watchers else ())])
+    if callback.engine is None or not callback.engine.started:
+        raise RuntimeError("irtuning: LLaMA-Factory finished without starting the layer selection")
+    return callback

@@ -1,0 +1,29 @@
+"""LLaMA-Factory tests: run by the LLaMA-Factory environment's pytest (`make test-llamafactory`), never by
+the main suite (LLaMA-Factory 0.9.5 cannot share a venv with Axolotl 0.19)."""
+
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Our kernels/ folder would shadow Hugging Face's `kernels` package if the repo root were importable.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir():
+    from irtuning_plugin.assets.models import prepare_tiny_llama
+
+    return prepare_tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    from irtuning_plugin.assets.models import prepare_smollm2
+
+    return prepare_smollm2()
