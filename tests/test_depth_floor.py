@@ -173,3 +173,18 @@ def test_floor_from_salf_survives_a_checkpoint(tmp_path):
     assert engine.strategy.floor == cb.engine.strategy.floor == state["strategy_state"]["depth_floor"]
     assert engine.active == cb.engine.active and min(engine.active) >= engine.strategy.floor
     assert engine.end_step(4)["next_active"] == cb.engine.end_step(4)["next_active"]
+
+
+def test_axolotl_checks_strategy_options_against_the_layers_above_the_floor(tiny_model_dir):
+    from test_axolotl_plugin import base_cfg, validate
+
+    # the tiny model has 8 layers: 4 random layers fit above a floor of 4, 5 do not -- refused before loading
+    validate(base_cfg(tiny_model_dir, irtuning_strategy="random", irtuning_random_n_layers=4,
+                      irtuning_depth_floor=4))
+    with pytest.raises(Exception) as err:
+        validate(base_cfg(tiny_model_dir, irtuning_strategy="random", irtuning_random_n_layers=5,
+                          irtuning_depth_floor=4))
+    assert "irtuning_random_n_layers" in str(err.value)
+    with pytest.raises(Exception) as err:
+        validate(base_cfg(tiny_model_dir, irtuning_depth_floor=8))
+    assert "irtuning_depth_floor=8 leaves no layer to train" in str(err.value)

@@ -74,7 +74,13 @@ def _check_on_meta_model(data: dict, config) -> None:
     from irtuning_plugin.layer_map import find_decoder_layers
 
     _, layers = find_decoder_layers(model, config.layers_path)
-    config.build_options().check(f"{PREFIX}{config.strategy}_", len(layers))
+    selectable = len(layers)
+    if isinstance(config.depth_floor, int) and not isinstance(config.depth_floor, bool):
+        from irtuning_plugin.depth_floor import check_floor_depth
+
+        # the strategy works over the layers above the floor, so its options are checked against those
+        selectable -= check_floor_depth(config.depth_floor, len(layers))
+    config.build_options().check(f"{PREFIX}{config.strategy}_", selectable)
 
 
 def validate_axolotl_config(data: dict) -> dict:
