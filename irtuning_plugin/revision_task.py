@@ -63,7 +63,16 @@ ARGUMENT_PURPOSE = RevisionTask(
              "Original: {original}\nRevised: {revised}\nPurpose:",
 )
 
-TASKS: dict[str, RevisionTask] = {t.name: t for t in (INTENTION, ARGUMENT_PURPOSE)}
+# The second benchmark task (assets/tweet_sentiment_data.py, human-rated tweets): one text, not a revision
+# pair. Its records always carry their prompt segment, which evaluation reads; where a prompt has to be
+# rebuilt, ``original`` stands for the tweet.
+TWEET_SENTIMENT = RevisionTask(
+    name="tweet-sentiment",
+    labels=("negative", "neutral", "positive"),
+    template="Classify the sentiment of this tweet as one of: {labels}.\nTweet: {original}\nSentiment:",
+)
+
+TASKS: dict[str, RevisionTask] = {t.name: t for t in (INTENTION, ARGUMENT_PURPOSE, TWEET_SENTIMENT)}
 
 LABELS: tuple[str, ...] = INTENTION.labels
 

@@ -94,3 +94,14 @@ def test_reference_resolves_to_the_built_split(monkeypatch, tmp_path, source):
     assert references.data_dir_for("tweet-sentiment") == tmp_path / "data" / "tweet-sentiment-seed171"
     with pytest.raises(ValueError, match="allowed: revision-intention, tweet-sentiment"):
         references.data_dir_for("nope")
+
+
+def test_evaluation_knows_the_task_of_a_built_folder(built):
+    from irtuning_plugin import seq_classification as sc
+    from irtuning_plugin.revision_task import TWEET_SENTIMENT
+
+    _, out, *_ = built
+    records, task = sc.load_records(out, "val")
+    assert task is TWEET_SENTIMENT and task.labels == td.LABELS
+    assert all(sc.prompt_of(r, task) == td.format_prompt(r["text"]) for r in records)
+    assert all(task.format_prompt(" ".join(r["text"].split()), "") == td.format_prompt(r["text"]) for r in records[:50])
