@@ -45,6 +45,19 @@ STRATEGY_OPTIONS = {
     "salf": lambda num_layers: {"max_trainable": max(1, num_layers // 3)},
 }
 
+# Grid names that are a strategy plus engine settings: `ir+floor` = `ir` above the depth floor taken from
+# the salf calibration (`irtuning_depth_floor: salf`, salf's own defaults; 24 of 30 layers on SmolLM2).
+VARIANTS = {"ir+floor": ("ir", {"depth_floor": "salf"})}
+
+
+def selection_config(name: str, options: dict | None):
+    """The SelectionConfig of a grid strategy name (a registered strategy, or one of VARIANTS)."""
+    from irtuning_plugin.config import SelectionConfig
+
+    strategy, extra = VARIANTS.get(name, (name, {}))
+    return SelectionConfig(strategy=strategy, strategy_options=dict(options or {}), selection_log=False,
+                           heatmap=False, **extra)
+
 
 def task_data_dir(task: str) -> Path:
     """The built-in data folder of a task (built on first use)."""
@@ -85,7 +98,6 @@ def run_cell(*, task: str, strategy: str, seed: int, steps: int, eval_every: int
     sys.path.insert(0, str(HERE))
     import irtuning_plugin.evaluation  # noqa: F401  (imported now: a checkout changed mid-cell must not mix versions)
     from irtuning_plugin.callback import attach_layer_selection
-    from irtuning_plugin.config import SelectionConfig
 
     from strategy_bench import LORA, TARGETS, PadCollator, tokenize_records
 
@@ -120,8 +132,7 @@ def run_cell(*, task: str, strategy: str, seed: int, steps: int, eval_every: int
     )
     trainer = CountingTrainer(model=model, args=targs, train_dataset=train,
                               data_collator=PadCollator(tokenizer.pad_token_id))
-    cb = attach_layer_selection(trainer, SelectionConfig(strategy=strategy, strategy_options=dict(options or {}),
-                                                         selection_log=False, heatmap=False))
+    cb = attach_layer_selection(trainer, selection_config(strategy, options))
     curve: list[dict] = []
     clock = {"train_s": 0.0}
     sink = open(partial, "w") if partial else None
@@ -173,8 +184,8 @@ def cell_path(out: Path, task: str, strategy: str, seed: int) -> Path:
     return out / task / f"{strategy}-seed{seed}.json"
 
 
-def _env() -> dict:
-    return {**os.environ, "PYTHONSAFEPATH": "1", "HF_HUB_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1",
+def _env(threads: int) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONSAFEPATH": "1", "HF_HUB_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1",
             "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -214,7 +225,7 @@ def run_grid(a) -> list[Path]:
                     cmd.append("--eval-at-start")
                 print(f"cell {task} {strategy} seed {seed} -> {path}", flush=True)
                 t0 = time.perf_counter()
-                subprocess.run(cmd, check=True, env=_env())
+                subprocess.run(cmd, check=True, env=_env(a.threads))
                 print(f"  done in {time.perf_counter() - t0:.0f} s", flush=True)
                 done.append(path)
     return done
@@ -384,7 +395,7 @@ def write_results(section: str, tag: str, results_md: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--tasks", nargs="+", default=["revision-intention"])
-    p.add_argument("--strategies", nargs="+", default=["all", "ir", "ist", "lisa", "random", "salf"])
+    p.add_argument("--strategies", nargs="+", default=["all", "ir", "ist", "lisa", "random", "salf", "ir+floor"])
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--eval-every", type=int, default=50)
@@ -395,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--eval-at-start", action="store_true", help="also evaluate at step 0 (the base model)")
     p.add_argument("--model", default="irtuning://smollm2-135m-instruct")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="torch threads of a cell (cells run one at a time; default: every CPU)")
     p.add_argument("--out", required=True, help="grid folder: <out>/<task>/<strategy>-seed<seed>.json")
     p.add_argument("--report", action="store_true", help="only regenerate RESULTS.md + PNG from the cell files")
     p.add_argument("--no-report", action="store_true", help="run the cells, leave RESULTS.md alone")

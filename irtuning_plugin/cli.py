@@ -122,6 +122,16 @@ def _axolotl_command() -> list[str]:
     return [sys.executable, "-P", "-m", "axolotl.cli.main"]
 
 
+def demo_train_command(recipe, launcher: str, max_steps: int | None = None) -> list[str]:
+    """``axolotl train`` of the demo recipe. Axolotl's CLI spells config keys with dashes: an underscore
+    spelling (``--max_steps=N``) is taken as an extra launcher argument, which ``--launcher python`` drops
+    without a word, and the recipe's own max_steps would run."""
+    cmd = _axolotl_command() + ["train", str(recipe), "--launcher", launcher]
+    if max_steps:
+        cmd += [f"--max-steps={max_steps}"]
+    return cmd
+
+
 def _cmd_demo(args) -> int:
     import yaml
 
@@ -135,9 +145,7 @@ def _cmd_demo(args) -> int:
     before = _evaluate(cfg["base_model"], None, "test", args.eval_limit, data_dir)
     print(f"before training: accuracy {before.accuracy:.3f}, macro-F1 {before.macro_f1:.3f} (n={before.n})",
           flush=True)
-    cmd = _axolotl_command() + ["train", str(recipe), "--launcher", args.launcher]
-    if args.max_steps:
-        cmd += [f"--max_steps={args.max_steps}"]
+    cmd = demo_train_command(recipe, args.launcher, args.max_steps)
     env = {**os.environ, **AXOLOTL_ENV, "PYTHONSAFEPATH": "1",
            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
     print("running: " + " ".join(cmd), flush=True)

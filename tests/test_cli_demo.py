@@ -1,6 +1,6 @@
 """The demo's closing table: per-class recall and F1 before and after training, and the overall line."""
 
-from irtuning_plugin.cli import demo_table
+from irtuning_plugin.cli import demo_table, demo_train_command
 from irtuning_plugin.evaluation import classification_metrics
 from irtuning_plugin.revision_task import LABELS
 
@@ -22,3 +22,19 @@ def test_demo_table_reports_each_class_before_and_after():
     assert rows["style"][-1] == "0.89"
     assert lines[-1] == ("test accuracy 0.200 -> 0.950; macro-F1 "
                          f"{before.macro_f1:.3f} -> {after.macro_f1:.3f} (chance 1/5 = 0.200)")
+
+
+def test_demo_max_steps_reaches_axolotl_as_a_config_option():
+    """`irtuning demo --max-steps N` must override the recipe: Axolotl 0.19's click parser must read it as its
+    max_steps option, not as an unknown extra argument (which `--launcher python` drops silently)."""
+    from axolotl.cli.main import train
+
+    cmd = demo_train_command("yaml_recipes/demo-smollm2-ir.yaml", "python", 12)
+    args = cmd[cmd.index("train") + 1:]
+    ctx = train.make_context("train", list(args))
+    assert int(ctx.params["max_steps"]) == 12  # click hands it over as text; Axolotl's schema makes it an int
+    assert ctx.args == []
+    assert ctx.params["launcher"] == "python"
+    # the trap this guards: the underscore spelling is not an option, it is left over as an extra argument
+    ctx = train.make_context("train", list(args[:-1]) + ["--max_steps=12"])
+    assert ctx.params.get("max_steps") is None and ctx.args == ["--max_steps=12"]
