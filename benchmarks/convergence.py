@@ -35,7 +35,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-START, END = "<!-- convergence:{tag}:start -->", "<!-- convergence:{tag}:end -->"
+if str(HERE) not in sys.path:  # run as a script under PYTHONSAFEPATH=1, the folder is not on the path
+    sys.path.insert(0, str(HERE))
+
+from results_md import replace_section  # noqa: E402
 
 # A strategy's options where its default is not the setting compared (everything else: its defaults),
 # as a function of the model's layer count.
@@ -302,7 +305,7 @@ def report(cells: list[dict], tag: str, command: str, remaining: str = "") -> st
     g = lambda key: c0.get(key, "?")  # noqa: E731
     lines = [f"Generated {datetime.date.today()} by `benchmarks/convergence.py` from {len(cells)} finished cells "
              f"(model {g('model')}, torch {g('torch')}, {g('cpus')} CPUs, {g('threads')} threads); "
-             f"LoRA r=32 on q,k,v,up,down, micro-batch {g('micro_batch')}, lr {g('lr')}, linear schedule "
+             f"LoRA r=32 on q,k,v,up,down, fp32, micro-batch {g('micro_batch')}, lr {g('lr')}, linear schedule "
              f"with {g('warmup')} warm-up steps, {g('steps')} steps; validation every {g('eval_every')} "
              f"steps on {g('val_n')} examples, test once at the end on {g('test_n')}.", "",
              f"Regenerate: `{command}`", ""]
@@ -379,17 +382,7 @@ def plot(cells: list[dict], path: Path) -> None:
 
 
 def write_results(section: str, tag: str, results_md: Path) -> None:
-    start, end = START.format(tag=tag), END.format(tag=tag)
-    text = results_md.read_text() if results_md.exists() else "# Benchmark results\n"
-    block = f"{start}\n{section}\n{end}"
-    if start in text:
-        head, rest = text.split(start, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        if "## Convergence" not in text:
-            text += "\n## Convergence\n"
-        text += "\n" + block + "\n"
-    results_md.write_text(text)
+    replace_section(results_md, "convergence", tag, section, "Convergence")
 
 
 def build_parser() -> argparse.ArgumentParser:

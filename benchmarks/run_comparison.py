@@ -24,7 +24,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-START, END = "<!-- strategies:{tag}:start -->", "<!-- strategies:{tag}:end -->"
+if str(HERE) not in sys.path:  # run as a script under PYTHONSAFEPATH=1, the folder is not on the path
+    sys.path.insert(0, str(HERE))
+
+from results_md import replace_section  # noqa: E402
 
 # Options that make a short CPU run meaningful; the defaults of the papers otherwise.
 DEFAULT_OPTIONS = {
@@ -213,17 +216,7 @@ def plot(runs: list[dict], path: Path) -> None:
 
 
 def write_results(section: str, tag: str, results_md: Path) -> None:
-    start, end = START.format(tag=tag), END.format(tag=tag)
-    text = results_md.read_text() if results_md.exists() else "# Benchmark results\n"
-    block = f"{start}\n{section}\n{end}"
-    if start in text:
-        head, rest = text.split(start, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        if "## Strategy comparison" not in text:
-            text += "\n## Strategy comparison\n"
-        text += "\n" + block + "\n"
-    results_md.write_text(text)
+    replace_section(results_md, "strategies", tag, section, "Strategy comparison")
 
 
 def main(argv=None) -> int:

@@ -23,24 +23,21 @@ from __future__ import annotations
 import hashlib
 import html
 import io
-import json
 import logging
-import os
 import random
-import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 from collections import Counter
 from pathlib import Path
+
+from irtuning_plugin.assets.data_folder import SPLITS, write_data_folder
 
 LOG = logging.getLogger(__name__)
 
 TASK = "tweet-sentiment"
 FORMAT_VERSION = 1
 DEFAULT_SEED = 171
-SPLITS: tuple[str, ...] = ("train", "val", "test")
 LABELS: tuple[str, ...] = ("negative", "neutral", "positive")
 NEGATIVE_MAX, NEUTRAL_ABS_MAX, POSITIVE_MIN = -1.0, 0.5, 1.0
 
@@ -183,21 +180,6 @@ def build_tweet_dataset(out_dir: str | Path, *, seed: int = DEFAULT_SEED, source
         "counts": {split: {**{lab: sum(r["label"] == lab for r in records[split]) for lab in LABELS},
                            "total": len(records[split])} for split in SPLITS},
     }
-    out_dir = Path(out_dir).expanduser().resolve()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        for split in SPLITS:
-            with open(tmp / f"{split}.jsonl", "w", encoding="utf-8", newline="\n") as fh:
-                for rec in records[split]:
-                    fh.write(json.dumps(rec, ensure_ascii=True) + "\n")
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        os.chmod(tmp, 0o755)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    out_dir = write_data_folder(out_dir, records, manifest)
     LOG.info("tweet-sentiment: %d tweets written to %s", sum(len(v) for v in records.values()), out_dir)
     return manifest

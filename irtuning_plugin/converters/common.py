@@ -9,17 +9,12 @@ as it is, and the evaluation reads the task and labels from the manifest.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from irtuning_plugin.assets.data_folder import SPLITS, sha256_of, write_data_folder  # noqa: F401 (re-exported)
 from irtuning_plugin.revision_task import RevisionTask
 
-SPLITS: tuple[str, ...] = ("train", "val", "test")
 FORMAT_VERSION = 1
 
 
@@ -34,14 +29,6 @@ class ConvertedSplit:
 
     def drop(self, label: str) -> None:
         self.dropped[label] = self.dropped.get(label, 0) + 1
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def make_record(task: RevisionTask, rid: str, source_id: str, label: str, original: str, revised: str) -> dict:
@@ -73,23 +60,5 @@ def write_converted(out_dir: str | Path, task: RevisionTask, splits: dict[str, C
         "source_files": {p.name: {"sha256": sha256_of(p), "bytes": p.stat().st_size} for p in source_files},
         **(extra or {}),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        outputs = {}
-        for split in SPLITS:
-            path = tmp / f"{split}.jsonl"
-            with open(path, "w", encoding="utf-8", newline="\n") as fh:
-                for rec in splits[split].records:
-                    fh.write(json.dumps(rec, ensure_ascii=True) + "\n")
-            outputs[path.name] = sha256_of(path)
-        manifest["outputs"] = outputs
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    write_data_folder(out, {split: splits[split].records for split in SPLITS}, manifest, hash_outputs=True)
     return manifest

@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import shutil
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from irtuning_plugin.assets.data_folder import SPLITS, write_data_folder
 from irtuning_plugin.assets.revision_data.edits import Edit
 from irtuning_plugin.assets.revision_data.labels import LABEL_MODULES, RULES, SELECTION_ORDER
 from irtuning_plugin.assets.revision_data.lexicons import Lexicons, load_lexicons
@@ -28,7 +26,6 @@ from irtuning_plugin.revision_task import LABELS, to_segments
 
 LOG = logging.getLogger(__name__)
 
-SPLITS: tuple[str, ...] = ("train", "val", "test")
 FORMAT_VERSION = 1
 DEFAULT_SEED = 171
 
@@ -147,17 +144,6 @@ def _record(pair: _Pair, rid: str, sentences: list[Sentence]) -> dict:
     }
 
 
-def _publish(tmp: Path, dest: Path) -> None:
-    """Swap the finished temp folder in for ``dest`` (renames only, so readers never see half a build)."""
-    old = None
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}-{time.monotonic_ns()}")
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def build_revision_dataset(
     out_dir: str | Path,
     *,
@@ -235,19 +221,7 @@ def build_revision_dataset(
         "packages": {dist: _version(dist) for dist in ("scattertext", "codespell", "proselint")},
     }
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        for split in SPLITS:
-            with open(tmp / f"{split}.jsonl", "w", encoding="utf-8", newline="\n") as handle:
-                for rec in records[split]:
-                    handle.write(json.dumps(rec, ensure_ascii=True) + "\n")
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
-        _publish(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    write_data_folder(out_dir, records, manifest)
     LOG.info(
         "revision data: %d pairs written to %s in %.1fs",
         sum(len(v) for v in records.values()),
