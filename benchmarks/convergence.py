@@ -423,7 +423,7 @@ def main(argv=None) -> int:
     if not cells:
         print(f"no finished cells in {a.out}", file=sys.stderr)
         return 1
-    command = f"python benchmarks/convergence.py --out {a.out} --report"
+    command = f"python benchmarks/convergence.py --out {a.out} --tag {a.tag} --report"
     md = Path(a.results_md)
     write_results(report(cells, a.tag, command, a.remaining), a.tag, md)
     plot(cells, md.parent / f"convergence-{a.tag}.png")
