@@ -98,7 +98,6 @@ def run_cell(*, task: str, strategy: str, seed: int, steps: int, eval_every: int
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments, set_seed
 
-    sys.path.insert(0, str(HERE))
     import irtuning_plugin.evaluation  # noqa: F401  (imported now: a checkout changed mid-cell must not mix versions)
     from irtuning_plugin.callback import attach_layer_selection
 

@@ -48,15 +48,12 @@ def write_data_folder(out_dir: str | Path, records: dict[str, list[dict]], manif
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        outputs = {}
         for split in SPLITS:
-            path = tmp / f"{split}.jsonl"
-            with open(path, "w", encoding="utf-8", newline="\n") as fh:
+            with open(tmp / f"{split}.jsonl", "w", encoding="utf-8", newline="\n") as fh:
                 for rec in records[split]:
                     fh.write(json.dumps(rec, ensure_ascii=True) + "\n")
-            outputs[path.name] = sha256_of(path)
         if hash_outputs:
-            manifest["outputs"] = outputs
+            manifest["outputs"] = {f"{split}.jsonl": sha256_of(tmp / f"{split}.jsonl") for split in SPLITS}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
         _publish(tmp, out)

@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from irtuning_plugin.assets.data_folder import SPLITS
 from irtuning_plugin.assets.models import cache_root, prepare_smollm2, prepare_tiny_llama
 
 LOG = logging.getLogger(__name__)
@@ -23,7 +24,6 @@ SCHEME = "irtuning://"
 DATA_NAME = "revision-intention"
 TWEET_DATA_NAME = "tweet-sentiment"
 DEFAULT_DATA_SEED = 171
-SPLITS = ("train", "val", "test")
 
 
 def revision_data_dir(cache: Path | None = None, seed: int = DEFAULT_DATA_SEED) -> Path:
