@@ -57,7 +57,7 @@ test-fast: venv
 
 bench: venv
 	mkdir -p benchmarks/results
-	$(BIN)/pytest -q benchmarks/bench_kernels.py benchmarks/bench_strategies.py \
+	$(BIN)/pytest -q benchmarks/bench_kernels.py benchmarks/bench_strategies.py benchmarks/bench_label_logits.py \
 		--benchmark-json=benchmarks/results/bench-$(shell hostname)-$(shell date +%Y%m%d).json
 
 lint: venv

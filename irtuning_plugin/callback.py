@@ -53,6 +53,7 @@ class LayerSelectionCallback(TrainerCallback):
         self._is_main = True
         self._output_dir: Path | None = None
         self._patched = False
+        self._label_logits_hook = None
         self._resume_arg: Any = None  # what trainer.train(resume_from_checkpoint=...) was given
         self.resumes: list[dict] = []  # {"step", "checkpoint"} of every resume of this run
         if trainer is not None:
@@ -126,6 +127,7 @@ class LayerSelectionCallback(TrainerCallback):
             fsdp=getattr(args, "fsdp", None) or getattr(trainer, "is_fsdp_enabled", False))
         self._build_engine(args, model)
         self._patch_trainer()
+        self._install_label_logits(model)
         if self.config.score_gradients == "unclipped" and self.trainer is None and args.max_grad_norm:
             LOG.warning("irtuning: callback added without the Trainer, so scores are of CLIPPED gradients "
                         "(max_grad_norm=%s); use attach_layer_selection(trainer, config) to score unclipped "
@@ -153,6 +155,18 @@ class LayerSelectionCallback(TrainerCallback):
                     self._jsonl.write(json.dumps(row) + "\n")
                 self._jsonl.flush()
         return control
+
+    def _install_label_logits(self, model) -> None:
+        if not self.config.label_logits_only:
+            return
+        if self._label_logits_hook is not None:  # a second train() on this callback
+            self._label_logits_hook.remove()
+        from irtuning_plugin import label_logits
+
+        target = model if model is not None else self.model
+        self._label_logits_hook = label_logits.install(target)
+        self.console_log.info("irtuning: label_logits_only: training forwards project only the positions that "
+                              "predict a label token onto the vocabulary")
 
     # ---- multi-process and checkpoints --------------------------------------------------------
     def _check_ddp(self) -> None:
@@ -244,6 +258,8 @@ class LayerSelectionCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.engine is not None:
             self.engine.close()
+        if self._label_logits_hook is not None:
+            self._label_logits_hook.remove()
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
@@ -274,6 +290,7 @@ class LayerSelectionCallback(TrainerCallback):
             "nonfinite_steps": [r["step"] for r in self.rows if r.get("nonfinite_layers")],
             "layers_per_step": counts,
             "losses": [(h["step"], h["loss"]) for h in state.log_history if "loss" in h],
+            "label_logits": self._label_logits_hook.counts() if self._label_logits_hook is not None else None,
         }
         with open(self._output_dir / RUN_SUMMARY, "w", encoding="utf-8") as fh:
             json.dump(summary, fh, indent=1, default=str)

@@ -136,6 +136,8 @@ def test_demo_recipe_runs_on_smollm2(tmp_path, smollm2_dir):
     rows = [json.loads(x) for x in (tmp_path / "out" / "irtuning_selection.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(len(r["scores"]) == 30 for r in rows)
     assert 10 <= rows[0]["n_active"] <= 20  # 30 layers: cut window 10..19
+    cut = json.loads((tmp_path / "out" / "irtuning_run.json").read_text())["label_logits"]
+    assert cut["training_forwards"] == 3 and 0 < cut["positions_kept"] < cut["positions"] / 4  # 4 rows, labels of a few tokens
 
 
 def _bad_cfg_file(tmp_path, tiny_model_dir, **over):
