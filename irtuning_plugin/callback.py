@@ -163,7 +163,7 @@ class LayerSelectionCallback(TrainerCallback):
             self._label_logits_hook.remove()
         from irtuning_plugin import label_logits
 
-        target = model if model is not None else self.model
+        target = self.model if self.model is not None else model  # the engine's model (_build_engine)
         self._label_logits_hook = label_logits.install(target)
         self.console_log.info("irtuning: label_logits_only: training forwards project only the positions that "
                               "predict a label token onto the vocabulary")

@@ -5,7 +5,7 @@ projects every position onto the vocabulary and runs the softmax over all of the
 that predict a label token enter the loss. On SmolLM2-135M (vocabulary 49,152, hidden 576) that
 projection is about a fifth of a training step's FLOPs for a 5-class label of one or two tokens.
 
-:func:`install` puts a forward pre-hook on the causal LM that turns ``labels`` into transformers' own
+:func:`install` puts a forward pre-hook on the model the Trainer calls that turns ``labels`` into transformers' own
 ``logits_to_keep`` (a tensor of sequence positions: every position that predicts a label token in some row
 of the batch) and ``shift_labels`` (the labels those positions predict). The model's own loss function
 then computes the very same loss, and the same gradients, from the kept positions alone; everything
