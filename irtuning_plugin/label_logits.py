@@ -24,16 +24,17 @@ from torch import nn
 IGNORE_INDEX = -100
 
 
+def _below_ddp(model: nn.Module) -> nn.Module:
+    """The module a DDP (or DataParallel) wrapper holds, else ``model`` itself."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
 def _causal_lm(model: nn.Module) -> nn.Module:
     """The module whose forward takes ``labels`` and ``logits_to_keep`` (under a PEFT wrapper, its base)."""
     inner = model
     while True:
-        if hasattr(inner, "get_base_model"):
-            nxt = inner.get_base_model()
-        elif hasattr(inner, "module") and isinstance(inner.module, nn.Module):  # DDP
-            nxt = inner.module
-        else:
-            break
+        nxt = inner.get_base_model() if hasattr(inner, "get_base_model") else _below_ddp(inner)
         if nxt is inner:
             break
         inner = nxt
@@ -103,5 +104,4 @@ def install(model: nn.Module) -> LabelLogitsHook:
     wrappers call the base model's ``forward`` directly, which skips the base model's hooks, and pass
     unknown keyword arguments through to it."""
     check_supported(model)
-    outer = model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
-    return LabelLogitsHook(outer)
+    return LabelLogitsHook(_below_ddp(model))

@@ -26,8 +26,9 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def _publish(tmp: Path, dest: Path) -> None:
-    """Swap the finished temp folder in for ``dest``."""
+def publish_folder(tmp: Path, dest: Path) -> Path:
+    """Swap the finished temp folder in for ``dest`` (renames only, so a reader sees the old folder or the
+    new one, never half of one); the old folder is removed afterwards. Returns ``dest``."""
     old = None
     if dest.exists():
         old = dest.with_name(f".{dest.name}.old-{os.getpid()}-{time.monotonic_ns()}")
@@ -35,6 +36,7 @@ def _publish(tmp: Path, dest: Path) -> None:
     os.replace(tmp, dest)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    return dest
 
 
 def write_data_folder(out_dir: str | Path, records: dict[str, list[dict]], manifest: dict, *,
@@ -56,7 +58,7 @@ def write_data_folder(out_dir: str | Path, records: dict[str, list[dict]], manif
             manifest["outputs"] = {f"{split}.jsonl": sha256_of(tmp / f"{split}.jsonl") for split in SPLITS}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
-        _publish(tmp, out)
+        publish_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

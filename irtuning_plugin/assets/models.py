@@ -10,9 +10,10 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
 import tempfile
 from pathlib import Path
+
+from .data_folder import publish_folder
 
 LOG = logging.getLogger(__name__)
 
@@ -56,10 +57,7 @@ def gguf_special_tokens(path: Path) -> dict[str, int]:
 
 def _publish(tmp: Path, dest: Path) -> Path:
     (tmp / _DONE).write_text("ok\n")
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
-    return dest
+    return publish_folder(tmp, dest)
 
 
 def _fix_special_tokens(tokenizer, config, generation_config, ids: dict[str, int]) -> None:
