@@ -306,14 +306,18 @@ def report(cells: list[dict], tag: str, command: str, remaining: str = "") -> st
              f"(model {g('model')}, torch {g('torch')}, {g('cpus')} CPUs, {g('threads')} threads); "
              f"LoRA r=32 on q,k,v,up,down, fp32, micro-batch {g('micro_batch')}, lr {g('lr')}, linear schedule "
              f"with {g('warmup')} warm-up steps, {g('steps')} steps; validation every {g('eval_every')} "
-             f"steps on {g('val_n')} examples, test once at the end on {g('test_n')}.", "",
+             f"steps on {g('val_n')} examples, test once at the end on the first {g('test_n')} test examples (fewer where the split is smaller: "
+             f"each task says its n).", "",
              f"Regenerate: `{command}`", ""]
     if remaining:
         lines += [f"**Partial grid.** {remaining}", ""]
     for task, t in s.items():
         target = f"{t['target']:.3f}" if t["target"] is not None else "n/a (no `all` cells)"
-        lines += [f"#### Task `{task}`", "",
-                  f"Target for \"steps to 90%\": 0.9 × `all`'s final validation macro-F1 (mean over its seeds) "
+        test_ns = sorted({c["test_n"] for c in cells if c["task"] == task and "test_n" in c})
+        lines += [f"#### Task `{task}`", ""]
+        if test_ns:
+            lines += [f"Test examples per cell: {'/'.join(map(str, test_ns))}.", ""]
+        lines += [f"Target for \"steps to 90%\": 0.9 × `all`'s final validation macro-F1 (mean over its seeds) "
                   f"= {target}.", "",
                   "| strategy | seeds | test accuracy | test macro-F1 | final val macro-F1 | steps to 90% of all "
                   "(mean; seeds reaching) | TFLOPs to 90% | training TFLOPs (counted) | train s (mean) "
