@@ -28,6 +28,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -298,6 +299,11 @@ def summarize(cells: list[dict]) -> dict:
     return out
 
 
+def _code_span(text: str) -> str:
+    """Markdown inline code that survives backticks inside `text` (e.g. a quoted --remaining)."""
+    return f"`` {text} ``" if "`" in text else f"`{text}`"
+
+
 def report(cells: list[dict], tag: str, command: str, remaining: str = "") -> str:
     s = summarize(cells)
     c0 = cells[0]
@@ -308,7 +314,7 @@ def report(cells: list[dict], tag: str, command: str, remaining: str = "") -> st
              f"with {g('warmup')} warm-up steps, {g('steps')} steps; validation every {g('eval_every')} "
              f"steps on {g('val_n')} examples, test once at the end on the first {g('test_n')} test examples (fewer where the split is smaller: "
              f"each task says its n).", "",
-             f"Regenerate: `{command}`", ""]
+             f"Regenerate: {_code_span(command)}", ""]
     if remaining:
         lines += [f"**Partial grid.** {remaining}", ""]
     for task, t in s.items():
@@ -427,6 +433,8 @@ def main(argv=None) -> int:
         print(f"no finished cells in {a.out}", file=sys.stderr)
         return 1
     command = f"python benchmarks/convergence.py --out {a.out} --tag {a.tag} --report"
+    if a.remaining:  # printed too, so that a re-run as printed keeps the "Partial grid" paragraph
+        command += f" --remaining {shlex.quote(a.remaining)}"
     md = Path(a.results_md)
     write_results(report(cells, a.tag, command, a.remaining), a.tag, md)
     plot(cells, md.parent / f"convergence-{a.tag}.png")

@@ -65,7 +65,12 @@ def test_report_and_plot_from_the_cell_files(grid, tmp_path):
     md = tmp_path / "RESULTS.md"
     md.write_text("# Benchmark results\n\nkept\n")
     assert cv.main(["--out", str(out), "--report", "--results-md", str(md), "--tag", "t",
-                    "--remaining", "seeds 2-3 missing"]) == 0
+                    "--remaining", "seeds 2-3 of `ir` missing"]) == 0
+    partial = md.read_text()
+    # the printed command rebuilds the section as it stands, "Partial grid" paragraph included,
+    # in a code span that the backticks of the text do not break
+    assert "**Partial grid.** seeds 2-3 of `ir` missing" in partial
+    assert "--tag t --report --remaining 'seeds 2-3 of `ir` missing' ``" in partial
     cv.main(["--out", str(out), "--report", "--results-md", str(md), "--tag", "t"])  # replaces, never duplicates
     text = md.read_text()
     assert text.count("<!-- convergence:t:start -->") == 1 and "kept" in text
