@@ -374,7 +374,8 @@ def plot(cells: list[dict], path: Path) -> None:
             for j, (key, xs) in enumerate((("val_accuracy", step), ("val_macro_f1", step), ("val_macro_f1", flops))):
                 ys = [[c["curve"][k][key] for c in cs] for k in range(n)]
                 mean = [statistics.mean(y) for y in ys]
-                line = axes[i][j].plot(xs, mean, marker=".", label=f"{name} ({len(cs)} seeds)")[0]
+                label = f"{name} ({len(cs)} seed{'' if len(cs) == 1 else 's'})"
+                line = axes[i][j].plot(xs, mean, marker=".", label=label)[0]
                 if len(cs) > 1:
                     axes[i][j].fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], alpha=0.12,
                                             color=line.get_color())
