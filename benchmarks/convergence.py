@@ -2,7 +2,7 @@
 
     PYTHONSAFEPATH=1 python benchmarks/convergence.py --tasks revision-intention tweet-sentiment \
         --strategies all ir ist lisa random salf --seeds 1 2 3 --steps 300 --eval-every 50 \
-        --out benchmarks/results/convergence-cpu-smollm2-300steps
+        --no-report --out benchmarks/results/convergence-cpu-smollm2-300steps
     PYTHONSAFEPATH=1 python benchmarks/convergence.py --out benchmarks/results/convergence-cpu-smollm2-300steps \
         --tag cpu-smollm2-300steps --report
 
