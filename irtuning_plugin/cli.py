@@ -378,6 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("recipe", help="a LLaMA-Factory training YAML with irtuning_* keys")
     sp.add_argument("overrides", nargs="*", help="key=value overrides, as with llamafactory-cli train")
     sp.set_defaults(func=_cmd_llamafactory)
+    from irtuning_plugin import plan
+
+    sp = sub.add_parser("plan", help="predict a recipe's GPU memory, FLOPs and offload traffic at any model size")
+    plan.add_arguments(sp)
+    sp.set_defaults(func=plan.main)
     return p
 
 
