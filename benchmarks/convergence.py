@@ -28,6 +28,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -49,18 +50,60 @@ STRATEGY_OPTIONS = {
     "salf": lambda num_layers: {"max_trainable": max(1, num_layers // 3)},
 }
 
-# Grid names that are a strategy plus engine settings: `ir+floor` = `ir` above the depth floor taken from
-# the salf calibration (`irtuning_depth_floor: salf`, salf's own defaults; 24 of 30 layers on SmolLM2).
-VARIANTS = {"ir+floor": ("ir", {"depth_floor": "salf"})}
+# A grid name is a registered strategy plus "+"-joined settings, e.g. `ir+floor12+cpu`:
+#   floor      `irtuning_depth_floor: salf` (the salf calibration's cut; 24 of 30 layers on SmolLM2's LoRA path)
+#   floor<N>   `irtuning_depth_floor: N` (layers 0..N-1 never train)
+#   cpu / drop / keep   `irtuning_frozen_optimizer_state` (what happens to a frozen layer's Adam moments)
+#   split<N>   ir's `split_num: N` (the split applied N times: fewer layers a step)
+NAME_PARTS = "floor, floor<N>, cpu, drop, keep, split<N>"
 
 
-def selection_config(name: str, options: dict | None):
-    """The SelectionConfig of a grid strategy name (a registered strategy, or one of VARIANTS)."""
+def parse_grid_name(name: str) -> tuple[str, dict, dict]:
+    """(strategy, engine settings, strategy options) of a grid name; a bad part is refused by name."""
+    strategy, *parts = name.split("+")
+    engine: dict = {}
+    options: dict = {}
+    for part in parts:
+        if part == "floor":
+            key, value, into = "depth_floor", "salf", engine
+        elif part.startswith("floor") and part[5:].isdigit():
+            key, value, into = "depth_floor", int(part[5:]), engine
+        elif part in ("cpu", "drop", "keep"):
+            key, value, into = "frozen_optimizer_state", part, engine
+        elif part.startswith("split") and part[5:].isdigit():
+            key, value, into = "split_num", int(part[5:]), options
+        else:
+            raise ValueError(f"grid strategy {name!r}: unknown part {part!r}; allowed after '+': {NAME_PARTS}")
+        if key in into:
+            raise ValueError(f"grid strategy {name!r}: {key} set twice")
+        into[key] = value
+    if not strategy:
+        raise ValueError(f"grid strategy {name!r}: no strategy before the first '+'")
+    return strategy, engine, options
+
+
+def selection_config(name: str, options: dict | None, scope: str = "adapter"):
+    """The SelectionConfig of a grid name (a registered strategy plus the settings of its parts)."""
     from irtuning_plugin.config import SelectionConfig
 
-    strategy, extra = VARIANTS.get(name, (name, {}))
-    return SelectionConfig(strategy=strategy, strategy_options=dict(options or {}), selection_log=False,
-                           heatmap=False, **extra)
+    strategy, engine, extra = parse_grid_name(name)
+    return SelectionConfig(strategy=strategy, scope=scope, strategy_options={**dict(options or {}), **extra},
+                           selection_log=False, heatmap=False, **engine).check()
+
+
+def offload_moves(active_per_step: list[list[int]], layer_state_bytes: list[int]) -> list[int]:
+    """Bytes that `frozen_optimizer_state: cpu` moves at each re-selection, from the trained sets of
+    consecutive steps: the Adam moments of every layer leaving the trained set go to the CPU, and those of
+    a layer coming back return, if it has trained before (AdamW allocates a parameter's moments at its first
+    step). ``layer_state_bytes[i]``: layer i's moment bytes (exp_avg + exp_avg_sq)."""
+    has_state: set[int] = set()
+    moved = []
+    for now, nxt in zip(active_per_step, active_per_step[1:]):
+        has_state |= set(now)
+        leaving = set(now) - set(nxt)
+        returning = (set(nxt) - set(now)) & has_state
+        moved.append(sum(layer_state_bytes[i] for i in leaving | returning))
+    return moved
 
 
 def task_data_dir(task: str) -> Path:
@@ -91,7 +134,8 @@ def evaluate_task(model, tokenizer, records: list[dict], labels: list[str]):
 
 def run_cell(*, task: str, strategy: str, seed: int, steps: int, eval_every: int, val_n: int, test_n: int,
              model_dir: str, data_dir: str, micro_batch: int = 4, lr: float = 1e-3, warmup: int = 20,
-             options: dict | None = None, partial: Path | None = None, eval_at_start: bool = False) -> dict:
+             options: dict | None = None, partial: Path | None = None, eval_at_start: bool = False,
+             scope: str = "adapter") -> dict:
     import tempfile
 
     import torch
@@ -112,9 +156,12 @@ def run_cell(*, task: str, strategy: str, seed: int, steps: int, eval_every: int
 
     set_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    set_seed(seed)
-    model = get_peft_model(base, LoraConfig(target_modules=TARGETS, task_type="CAUSAL_LM", **LORA))
-    model.enable_input_require_grads()  # as Axolotl 0.19 does for every adapter run
+    if scope == "adapter":
+        set_seed(seed)
+        model = get_peft_model(base, LoraConfig(target_modules=TARGETS, task_type="CAUSAL_LM", **LORA))
+        model.enable_input_require_grads()  # as Axolotl 0.19 does for every adapter run
+    else:  # full fine-tuning: every parameter trainable; the engine freezes the layers it leaves out
+        model = base
     if callable(options):
         options = options(base.config.num_hidden_layers)
     counted = {"flops": 0}
@@ -135,9 +182,10 @@ def run_cell(*, task: str, strategy: str, seed: int, steps: int, eval_every: int
     )
     trainer = CountingTrainer(model=model, args=targs, train_dataset=train,
                               data_collator=PadCollator(tokenizer.pad_token_id))
-    cb = attach_layer_selection(trainer, selection_config(strategy, options))
+    cb = attach_layer_selection(trainer, selection_config(strategy, options, scope))
     curve: list[dict] = []
-    clock = {"train_s": 0.0}
+    held: list[dict] = []  # per optimizer step: gradient + Adam bytes as the engine accounts them
+    clock = {"train_s": 0.0, "step_s": []}
     sink = open(partial, "w") if partial else None
 
     def point(step: int) -> None:
@@ -160,8 +208,16 @@ def run_cell(*, task: str, strategy: str, seed: int, steps: int, eval_every: int
         def on_step_begin(self, a, s, c, **kw):
             self.t0 = time.perf_counter()
 
+        def on_optimizer_step(self, a, s, c, **kw):  # after optimizer.step(), before zero_grad: both held
+            acc = cb.engine.memory_account()
+            grads = acc["grad_bytes_accelerator"] + acc["grad_bytes_host"]
+            state = acc["optimizer_state_bytes_accelerator"] + acc["optimizer_state_bytes_host"]
+            off = acc["optimizer_state_bytes_offloaded"]
+            held.append({"device": grads + state - off, "offloaded": off})
+
         def on_step_end(self, a, s, c, **kw):
-            clock["train_s"] += time.perf_counter() - self.t0
+            clock["step_s"].append(time.perf_counter() - self.t0)
+            clock["train_s"] += clock["step_s"][-1]
             if s.global_step % eval_every == 0 or s.global_step == steps:
                 point(s.global_step)
 
@@ -169,22 +225,34 @@ def run_cell(*, task: str, strategy: str, seed: int, steps: int, eval_every: int
     trainer.train()
     if sink:
         sink.close()
+    engine = cb.engine
+    layer_state_bytes = [sum(2 * p.numel() * 4 for p in ps) for ps in engine.layer_map.params]  # fp32 m and v
     t0 = time.perf_counter()
-    res = evaluate_task(model, tokenizer, test, labels)
+    res = evaluate_task(model, tokenizer, test, labels) if test else None  # no test split: validation only
     return {
         "task": task, "strategy": strategy, "seed": seed, "steps": steps, "micro_batch": micro_batch, "lr": lr,
         "warmup": warmup, "options": options or {}, "eval_every": eval_every, "val_n": len(val),
-        "curve": curve, "test_accuracy": res.accuracy, "test_macro_f1": res.macro_f1, "test_n": res.n,
-        "test_per_class": res.per_class, "test_eval_s": time.perf_counter() - t0,
+        "curve": curve, "test_accuracy": res.accuracy if res else None,
+        "test_macro_f1": res.macro_f1 if res else None, "test_n": res.n if res else 0,
+        "test_per_class": res.per_class if res else None,
+        "test_eval_s": time.perf_counter() - t0, "scope": scope,
+        "frozen_optimizer_state": engine.config.frozen_optimizer_state,
         "layers_per_step": [r["n_active"] for r in cb.rows], "lowest_active": [r["lowest_active"] for r in cb.rows],
-        "train_flops": counted["flops"], "train_s": clock["train_s"],
+        "active_per_step": [r["active"] for r in cb.rows], "layer_state_bytes": layer_state_bytes,
+        "device_bytes_per_step": [h["device"] for h in held], "offloaded_bytes_per_step": [h["offloaded"] for h in held],
+        "train_flops": counted["flops"], "train_s": clock["train_s"], "step_s": clock["step_s"],
         "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
         "cpus": os.cpu_count(), "load_avg_end": os.getloadavg(), "date": datetime.date.today().isoformat(),
     }
 
 
-def cell_path(out: Path, task: str, strategy: str, seed: int) -> Path:
-    return out / task / f"{strategy}-seed{seed}.json"
+def cell_path(out: Path, task: str, strategy: str, seed: int, lr: float | None = None) -> Path:
+    """``<out>/<task>/<strategy>-seed<seed>.json``; a cell of a learning-rate sweep carries its rate in the
+    name (``<strategy>-lr<lr>-seed<seed>.json``), so that one folder holds every point of the sweep."""
+    return out / task / (f"{strategy}-seed{seed}.json" if lr is None else f"{strategy}-lr{lr:g}-seed{seed}.json")
+
+
+SWEEP_CELL = re.compile(r"-lr[0-9.e+-]+-seed\d+\.json$")
 
 
 def _env(threads: int) -> dict:
@@ -192,45 +260,62 @@ def _env(threads: int) -> dict:
             "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
 
 
-RECIPE_KEYS = ("steps", "eval_every", "val_n", "test_n", "micro_batch", "lr", "warmup", "model")
+RECIPE_KEYS = ("steps", "eval_every", "val_n", "test_n", "micro_batch", "lr", "warmup", "model", "scope")
+RECIPE_DEFAULTS = {"scope": "adapter"}  # what a cell written before the key existed was run with
 
 
-def _check_same_recipe(path: Path, a) -> None:
-    """A finished cell counts only if it was run with the recipe asked for now."""
+def _check_same_recipe(path: Path, a, lr: float | None = None) -> None:
+    """A finished cell counts only if it was run with the recipe asked for now (a sweep cell: at its rate)."""
     recipe = json.loads(path.read_text()).get("recipe", {})
     for key in RECIPE_KEYS:
-        if recipe.get(key) != getattr(a, key):
-            raise SystemExit(f"{path} was run with {key}={recipe.get(key)!r}, this grid asks for "
-                             f"{getattr(a, key)!r}; use another --out or delete that cell")
+        want = lr if key == "lr" and lr is not None else getattr(a, key)
+        if recipe.get(key, RECIPE_DEFAULTS.get(key)) != want:
+            raise SystemExit(f"{path} was run with {key}={recipe.get(key, RECIPE_DEFAULTS.get(key))!r}, this grid "
+                             f"asks for {want!r}; use another --out or delete that cell")
+
+
+def check_args(a) -> None:
+    """Refuse a bad grid before any cell runs (every name, and what a learning-rate sweep needs)."""
+    for name in a.strategies:
+        try:
+            parse_grid_name(name)
+        except ValueError as e:
+            raise SystemExit(f"--strategies: {e}") from None
+    if a.lr_sweep and a.test_n != 0:
+        raise SystemExit(f"--lr-sweep chooses on the validation split only: pass --test-n 0 (got {a.test_n})")
 
 
 def run_grid(a) -> list[Path]:
     """Run every missing cell, one after another; return the cells that were (re)computed."""
+    check_args(a)
     out = Path(a.out)
     done = []
-    for task in a.tasks:
-        for seed in a.seeds:  # seeds outermost: a partial grid has every strategy on the same seeds
-            for strategy in a.strategies:
-                path = cell_path(out, task, strategy, seed)
-                if path.exists():
-                    _check_same_recipe(path, a)
-                    print(f"skip {path} (finished)", flush=True)
-                    continue
-                path.parent.mkdir(parents=True, exist_ok=True)
-                partial = path.with_suffix(".partial.jsonl")
-                partial.unlink(missing_ok=True)  # an interrupted cell starts again from step 0
-                cmd = [sys.executable, str(Path(__file__).resolve()), "--cell", "--tasks", task,
-                       "--strategies", strategy, "--seeds", str(seed), "--out", str(out),
-                       "--steps", str(a.steps), "--eval-every", str(a.eval_every), "--val-n", str(a.val_n),
-                       "--test-n", str(a.test_n), "--micro-batch", str(a.micro_batch), "--lr", str(a.lr),
-                       "--warmup", str(a.warmup), "--model", a.model]
-                if a.eval_at_start:
-                    cmd.append("--eval-at-start")
-                print(f"cell {task} {strategy} seed {seed} -> {path}", flush=True)
-                t0 = time.perf_counter()
-                subprocess.run(cmd, check=True, env=_env(a.threads))
-                print(f"  done in {time.perf_counter() - t0:.0f} s", flush=True)
-                done.append(path)
+    # seeds outside strategies: a partial grid has every strategy on the same seeds
+    for task, seed, strategy, lr in [(t, s, n, lr) for t in a.tasks for s in a.seeds for n in a.strategies
+                                     for lr in (a.lr_sweep or [None])]:
+        path = cell_path(out, task, strategy, seed, lr)
+        if path.exists():
+            _check_same_recipe(path, a, lr)
+            print(f"skip {path} (finished)", flush=True)
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial.jsonl")
+        partial.unlink(missing_ok=True)  # an interrupted cell starts again from step 0
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--cell", "--tasks", task,
+               "--strategies", strategy, "--seeds", str(seed), "--out", str(out),
+               "--steps", str(a.steps), "--eval-every", str(a.eval_every), "--val-n", str(a.val_n),
+               "--test-n", str(a.test_n), "--micro-batch", str(a.micro_batch), "--lr", str(a.lr),
+               "--warmup", str(a.warmup), "--model", a.model, "--scope", a.scope]
+        if a.eval_at_start:
+            cmd.append("--eval-at-start")
+        if lr is not None:
+            cmd += ["--lr-sweep", repr(lr)]
+        print(f"cell {task} {strategy} seed {seed}{f' lr {lr:g}' if lr is not None else ''} -> {path}",
+              flush=True)
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, env=_env(a.threads))
+        print(f"  done in {time.perf_counter() - t0:.0f} s", flush=True)
+        done.append(path)
     return done
 
 
@@ -238,13 +323,16 @@ def _cell_main(a) -> int:
     from irtuning_plugin.assets.references import resolve_reference
 
     task, strategy, seed = a.tasks[0], a.strategies[0], a.seeds[0]
-    path = cell_path(Path(a.out), task, strategy, seed)
+    lr = a.lr_sweep[0] if a.lr_sweep else None
+    if lr is not None:
+        a.lr = lr  # the sweep point this cell trains at
+    path = cell_path(Path(a.out), task, strategy, seed, lr)
     path.parent.mkdir(parents=True, exist_ok=True)
     res = run_cell(task=task, strategy=strategy, seed=seed, steps=a.steps, eval_every=a.eval_every,
                    val_n=a.val_n, test_n=a.test_n, model_dir=resolve_reference(a.model),
                    data_dir=str(task_data_dir(task)), micro_batch=a.micro_batch, lr=a.lr, warmup=a.warmup,
                    options=STRATEGY_OPTIONS.get(strategy, {}), partial=path.with_suffix(".partial.jsonl"),
-                   eval_at_start=a.eval_at_start)
+                   eval_at_start=a.eval_at_start, scope=a.scope)
     res["model"] = a.model
     res["recipe"] = {key: getattr(a, key) for key in RECIPE_KEYS}  # as asked (a split may hold fewer)
     tmp = path.with_suffix(".tmp")
@@ -256,8 +344,10 @@ def _cell_main(a) -> int:
 
 # ---- report ------------------------------------------------------------------------------------------
 
-def load_cells(out: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(Path(out).glob("*/*-seed*.json"))]
+def load_cells(out: Path, sweep: bool = False) -> list[dict]:
+    """The finished cells of a grid folder: the grid's own, or (``sweep``) those of a learning-rate sweep."""
+    paths = sorted(Path(out).glob("*/*-seed*.json"))
+    return [json.loads(p.read_text()) for p in paths if bool(SWEEP_CELL.search(p.name)) == sweep]
 
 
 def _ms(xs: list[float]) -> str:
@@ -272,16 +362,42 @@ def steps_to_target(curve: list[dict], target: float) -> dict | None:
     return None
 
 
+def _scope(cell: dict) -> str:
+    return cell.get("scope", RECIPE_DEFAULTS["scope"])
+
+
+def two_arms(cells: list[dict]) -> bool:
+    """Whether the cells hold both arms (LoRA and full fine-tuning): rows then carry the arm's name."""
+    return len({_scope(c) for c in cells}) > 1
+
+
+def row_name(cell: dict, arms: bool) -> str:
+    return f"{ARM[_scope(cell)]} {cell['strategy']}" if arms else cell["strategy"]
+
+
+ARM = {"adapter": "LoRA", "full": "full"}
+
+
+def _mean_final(cs: list[dict]) -> float:
+    return statistics.mean(c["curve"][-1]["val_macro_f1"] for c in cs)
+
+
 def summarize(cells: list[dict]) -> dict:
-    """Per task and strategy: final test figures over seeds and steps/FLOPs to 90% of `all`'s final F1."""
+    """Per task and strategy: final test figures over seeds and steps/FLOPs to 90% of a target F1: `all`'s
+    final validation macro-F1 (mean over seeds), or, where the cells hold both arms, the best final
+    validation macro-F1 of any row of either arm."""
     out: dict = {}
+    arms = two_arms(cells)
     for task in sorted({c["task"] for c in cells}):
         by: dict[str, list[dict]] = {}
         for c in cells:
             if c["task"] == task:
-                by.setdefault(c["strategy"], []).append(c)
-        base = by.get("all")
-        target = 0.9 * statistics.mean(c["curve"][-1]["val_macro_f1"] for c in base) if base else None
+                by.setdefault(row_name(c, arms), []).append(c)
+        if arms:
+            target = 0.9 * max(_mean_final(cs) for cs in by.values())
+        else:
+            base = by.get("all")
+            target = 0.9 * _mean_final(base) if base else None
         rows = {}
         for name, cs in by.items():
             reach = [steps_to_target(c["curve"], target) if target is not None else None for c in cs]
@@ -294,9 +410,31 @@ def summarize(cells: list[dict]) -> dict:
                 "flops_to_target": [r["flops"] for r in hit],
                 "train_flops": [c["train_flops"] for c in cs], "train_s": [c["train_s"] for c in cs],
                 "layers_median": statistics.median(n for c in cs for n in c["layers_per_step"]),
+                "scope": _scope(cs[0]),
+                **byte_figures(cs),
             }
         out[task] = {"target": target, "strategies": rows}
     return out
+
+
+def byte_figures(cs: list[dict]) -> dict:
+    """Median and max over every step of the cells: gradient + Adam bytes on the training device, and bytes
+    the `cpu` offload moves per step (empty for cells written before they were recorded)."""
+    if not all("device_bytes_per_step" in c for c in cs):
+        return {}
+    held = [b for c in cs for b in c["device_bytes_per_step"]]
+    moved = [b for c in cs for b in (offload_moves(c["active_per_step"], c["layer_state_bytes"])
+                                     if c.get("frozen_optimizer_state") == "cpu" else [0])]
+    return {"device_bytes": (statistics.median(held), max(held)),
+            "moved_bytes": (statistics.median(moved), max(moved)) if moved else (0, 0)}
+
+
+def _bytes_cells(r: dict) -> str:
+    mb = 2**20
+    if "device_bytes" not in r:
+        return " - | - |"
+    (hm, hx), (mm, mx) = r["device_bytes"], r["moved_bytes"]
+    return f" {hm / mb:,.1f} / {hx / mb:,.1f} | {mm / mb:,.1f} / {mx / mb:,.1f} |"
 
 
 def _code_span(text: str) -> str:
@@ -308,9 +446,21 @@ def report(cells: list[dict], tag: str, command: str, remaining: str = "") -> st
     s = summarize(cells)
     c0 = cells[0]
     g = lambda key: c0.get(key, "?")  # noqa: E731
+    arms = two_arms(cells)
+    full = any(_scope(c) == "full" for c in cells)
+    if full:  # name each arm's trainable part and learning rate
+        lrs = {sc: sorted({c.get("lr") for c in cells if _scope(c) == sc}) for sc in ("adapter", "full")}
+        what = "; ".join(f"{'LoRA r=32 on q,k,v,up,down' if sc == 'adapter' else 'full fine-tuning (irtuning_scope: full)'}"
+                         f"{' (rows `LoRA ...`)' if arms and sc == 'adapter' else ' (rows `full ...`)' if arms else ''}"
+                         f" at lr {'/'.join(f'{x:g}' for x in lrs[sc])}" for sc in ("adapter", "full") if lrs[sc])
+        what += ", fp32"
+    else:
+        what = f"LoRA r=32 on q,k,v,up,down, fp32, micro-batch {g('micro_batch')}, lr {g('lr')}"
+    if full:
+        what += f", micro-batch {g('micro_batch')}"
     lines = [f"Generated {datetime.date.today()} by `benchmarks/convergence.py` from {len(cells)} finished cells "
              f"(model {g('model')}, torch {g('torch')}, {g('cpus')} CPUs, {g('threads')} threads); "
-             f"LoRA r=32 on q,k,v,up,down, fp32, micro-batch {g('micro_batch')}, lr {g('lr')}, linear schedule "
+             f"{what}, linear schedule "
              f"with {g('warmup')} warm-up steps, {g('steps')} steps; validation every {g('eval_every')} "
              f"steps on {g('val_n')} examples, test once at the end on the first {g('test_n')} test examples (fewer where the split is smaller: "
              f"each task says its n).", "",
@@ -323,12 +473,15 @@ def report(cells: list[dict], tag: str, command: str, remaining: str = "") -> st
         lines += [f"#### Task `{task}`", ""]
         if test_ns:
             lines += [f"Test examples per cell: {'/'.join(map(str, test_ns))}.", ""]
-        lines += [f"Target for \"steps to 90%\": 0.9 × `all`'s final validation macro-F1 (mean over its seeds) "
-                  f"= {target}.", "",
-                  "| strategy | seeds | test accuracy | test macro-F1 | final val macro-F1 | steps to 90% of all "
-                  "(mean; seeds reaching) | TFLOPs to 90% | training TFLOPs (counted) | train s (mean) "
-                  "| layers/step (median) |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        whose = ("the best final validation macro-F1 (mean over its seeds) of any row of either arm" if arms
+                 else "`all`'s final validation macro-F1 (mean over its seeds)")
+        lines += [f"Target for \"steps to 90%\": 0.9 × {whose} = {target}.", "",
+                  "| strategy | seeds | test accuracy | test macro-F1 | final val macro-F1 | steps to 90% "
+                  f"{'of the best' if arms else 'of all'} (mean; seeds reaching) | TFLOPs to 90% | training TFLOPs "
+                  "(counted) | train s (mean) | layers/step (median) |"
+                  + (" grads + Adam on device MB (median / max) | `cpu` offload moved MB/step (median / max) |"
+                     if full else ""),
+                  "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if full else "")]
         for name, r in t["strategies"].items():
             reach = (f"{statistics.mean(r['steps_to_target']):.0f} ({r['reached']}/{len(r['seeds'])})"
                      if r["reached"] else f"not reached (0/{len(r['seeds'])})" if t["target"] is not None else "n/a")
@@ -336,7 +489,7 @@ def report(cells: list[dict], tag: str, command: str, remaining: str = "") -> st
             lines.append(
                 f"| {name} | {','.join(map(str, r['seeds']))} | {_ms(r['test_accuracy'])} | {_ms(r['test_macro_f1'])} "
                 f"| {_ms(r['final_val_macro_f1'])} | {reach} | {gfl} | {statistics.mean(r['train_flops']) / 1e12:.1f} "
-                f"| {statistics.mean(r['train_s']):.0f} | {r['layers_median']:g} |")
+                f"| {statistics.mean(r['train_s']):.0f} | {r['layers_median']:g} |" + (_bytes_cells(r) if full else ""))
         lines += ["", "Validation accuracy / macro-F1 by optimizer step (mean over seeds):", ""]
         names = list(t["strategies"])
         steps = sorted({p["step"] for c in cells if c["task"] == task for p in c["curve"]})
@@ -344,13 +497,52 @@ def report(cells: list[dict], tag: str, command: str, remaining: str = "") -> st
         for step in steps:
             vals = []
             for name in names:
-                pts = [p for c in cells if c["task"] == task and c["strategy"] == name for p in c["curve"]
+                pts = [p for c in cells if c["task"] == task and row_name(c, arms) == name for p in c["curve"]
                        if p["step"] == step]
                 vals.append(f"{statistics.mean(p['val_accuracy'] for p in pts):.3f} / "
                             f"{statistics.mean(p['val_macro_f1'] for p in pts):.3f}" if pts else "-")
             lines.append(f"| {step} | " + " | ".join(vals) + " |")
         lines.append("")
     lines.append(f"![convergence curves](convergence-{tag}.png)")
+    return "\n".join(lines)
+
+
+def choose_lr(cells: list[dict]) -> float:
+    """The sweep's rate: highest final validation macro-F1, mean over its seeds (a tie: the lower rate)."""
+    by: dict[float, list[dict]] = {}
+    for c in cells:
+        by.setdefault(c["lr"], []).append(c)
+    return max(sorted(by), key=lambda lr: _mean_final(by[lr]))  # max keeps the first (lowest) of equals
+
+
+def sweep_report(cells: list[dict], command: str) -> str:
+    """The learning-rate sweep: validation figures per rate and the rate chosen (test split never read)."""
+    c0 = cells[0]
+    lines = [f"Generated {datetime.date.today()} by `benchmarks/convergence.py` from {len(cells)} finished sweep "
+             f"cells (model {c0.get('model', '?')}, torch {c0['torch']}, {c0['threads']} threads); "
+             f"{'full fine-tuning (irtuning_scope: full)' if _scope(c0) == 'full' else 'LoRA r=32'}, strategy "
+             f"{', '.join(sorted({c['strategy'] for c in cells}))}, seeds "
+             f"{','.join(map(str, sorted({c['seed'] for c in cells})))}, {c0['steps']} steps, validation every "
+             f"{c0['eval_every']} steps on {c0['val_n']} examples; the test split is not read. The rate chosen "
+             f"is the one with the highest final validation macro-F1 (mean over seeds; a tie goes to the lower "
+             f"rate).", "", f"Regenerate: {_code_span(command)}", ""]
+    for task in sorted({c["task"] for c in cells}):
+        cs = [c for c in cells if c["task"] == task]
+        chosen = choose_lr(cs)
+        lines += [f"#### Task `{task}`: chosen lr {chosen:g}", "",
+                  "| lr | seeds | final val accuracy | final val macro-F1 | best val macro-F1 (step) "
+                  "| last train loss | train s (mean) |", "|---|---|---|---|---|---|---|"]
+        for lr in sorted({c["lr"] for c in cs}):
+            at = [c for c in cs if c["lr"] == lr]
+            best = [max(c["curve"], key=lambda p: p["val_macro_f1"]) for c in at]
+            loss = [c["curve"][-1]["train_loss"] for c in at if c["curve"][-1].get("train_loss") is not None]
+            peaks = ", ".join(f"{b['val_macro_f1']:.3f} ({b['step']})" for b in best)
+            lines.append(
+                f"| {lr:g} | {','.join(str(c['seed']) for c in at)} "
+                f"| {_ms([c['curve'][-1]['val_accuracy'] for c in at])} "
+                f"| {_ms([c['curve'][-1]['val_macro_f1'] for c in at])} | {peaks} "
+                f"| {_ms(loss) if loss else '-'} | {statistics.mean(c['train_s'] for c in at):.0f} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -366,7 +558,7 @@ def plot(cells: list[dict], path: Path) -> None:
         by: dict[str, list[dict]] = {}
         for c in cells:
             if c["task"] == task:
-                by.setdefault(c["strategy"], []).append(c)
+                by.setdefault(row_name(c, two_arms(cells)), []).append(c)
         for name, cs in by.items():
             n = min(len(c["curve"]) for c in cs)
             step = [cs[0]["curve"][k]["step"] for k in range(n)]
@@ -406,6 +598,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-n", type=int, default=300)
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr-sweep", nargs="+", type=float, default=None, metavar="LR",
+                   help="learning-rate selection: one cell per rate (named <strategy>-lr<LR>-seed<S>.json), "
+                   "validation only (needs --test-n 0); --report then writes the sweep's table and the rate chosen")
+    p.add_argument("--scope", choices=("adapter", "full"), default="adapter",
+                   help="adapter: the LoRA recipe (r=32 on q,k,v,up,down); full: full fine-tuning "
+                   "(irtuning_scope: full, every parameter of a selected layer trains)")
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--eval-at-start", action="store_true", help="also evaluate at step 0 (the base model)")
     p.add_argument("--model", default="irtuning://smollm2-135m-instruct")
@@ -414,6 +612,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="grid folder: <out>/<task>/<strategy>-seed<seed>.json")
     p.add_argument("--report", action="store_true", help="only regenerate RESULTS.md + PNG from the cell files")
     p.add_argument("--no-report", action="store_true", help="run the cells, leave RESULTS.md alone")
+    p.add_argument("--also", nargs="+", default=[], metavar="DIR",
+                   help="--report: also take the cells of these grid folders (e.g. the LoRA arm beside the full one)")
+    p.add_argument("--only-tasks", nargs="+", default=None, metavar="TASK",
+                   help="--report: only these tasks' cells")
     p.add_argument("--tag", default="cpu-smollm2")
     p.add_argument("--remaining", default="", help="text saying what a partial grid still lacks")
     p.add_argument("--results-md", default=str(HERE / "RESULTS.md"))
@@ -425,18 +627,31 @@ def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     if a.cell:
         return _cell_main(a)
+    check_args(a)
     if not a.report:
         run_grid(a)
     if a.no_report:
         return 0
-    cells = load_cells(Path(a.out))
+    sweep = bool(a.lr_sweep)
+    cells = [c for d in [a.out, *a.also] for c in load_cells(Path(d), sweep=sweep)
+             if a.only_tasks is None or c["task"] in a.only_tasks]
     if not cells:
-        print(f"no finished cells in {a.out}", file=sys.stderr)
+        print(f"no finished {'sweep ' if sweep else ''}cells in {', '.join([a.out, *a.also])}", file=sys.stderr)
         return 1
     command = f"python benchmarks/convergence.py --out {a.out} --tag {a.tag} --report"
+    if a.also:
+        command += " --also " + " ".join(a.also)
+    if a.only_tasks:
+        command += " --only-tasks " + " ".join(a.only_tasks)
+    md = Path(a.results_md)
+    if sweep:
+        command += " --test-n 0 --lr-sweep " + " ".join(f"{x:g}" for x in a.lr_sweep)
+        write_results(sweep_report(cells, command), a.tag, md)
+        for task in sorted({c["task"] for c in cells}):
+            print(f"{task}: chosen lr {choose_lr([c for c in cells if c['task'] == task]):g}")
+        return 0
     if a.remaining:  # printed too, so that a re-run as printed keeps the "Partial grid" paragraph
         command += f" --remaining {shlex.quote(a.remaining)}"
-    md = Path(a.results_md)
     write_results(report(cells, a.tag, command, a.remaining), a.tag, md)
     plot(cells, md.parent / f"convergence-{a.tag}.png")
     return 0

@@ -105,3 +105,154 @@ def test_a_finished_cell_of_another_recipe_is_refused(grid):
     args.steps = 8
     with pytest.raises(SystemExit, match="steps=4.*asks for 8"):
         cv.run_grid(args)
+
+
+# ---- the full-parameter arm, grid names, the learning-rate sweep ------------------------------------
+
+def test_grid_names_parse_into_engine_settings_and_bad_parts_are_refused():
+    assert cv.parse_grid_name("all") == ("all", {}, {})
+    assert cv.parse_grid_name("ir+floor") == ("ir", {"depth_floor": "salf"}, {})
+    assert cv.parse_grid_name("ir+floor12+cpu") == ("ir", {"depth_floor": 12, "frozen_optimizer_state": "cpu"}, {})
+    assert cv.parse_grid_name("ir+split2+cpu") == ("ir", {"frozen_optimizer_state": "cpu"}, {"split_num": 2})
+    for bad, why in (("ir+gpu", "unknown part 'gpu'"), ("ir+cpu+drop", "frozen_optimizer_state set twice"),
+                     ("+cpu", "no strategy"), ("ir+floorx", "unknown part 'floorx'")):
+        with pytest.raises(ValueError, match=why):
+            cv.parse_grid_name(bad)
+    config = cv.selection_config("lisa+cpu", {}, "full")
+    assert (config.strategy, config.scope, config.frozen_optimizer_state) == ("lisa", "full", "cpu")
+    assert cv.selection_config("ir+split2", {}).strategy_options == {"split_num": 2}
+
+
+def test_a_bad_grid_is_refused_before_any_cell_runs(tmp_path):
+    args = _args(tmp_path, ["all", "ir+floor12+gpu"])
+    with pytest.raises(SystemExit, match="--strategies: grid strategy 'ir\\+floor12\\+gpu': unknown part 'gpu'"):
+        cv.run_grid(args)
+    args = cv.build_parser().parse_args(["--out", str(tmp_path), "--lr-sweep", "1e-5", "3e-5"])
+    with pytest.raises(SystemExit, match="--lr-sweep chooses on the validation split only: pass --test-n 0"):
+        cv.run_grid(args)
+    assert not list(tmp_path.iterdir())
+    args = cv.build_parser().parse_args(["--out", str(tmp_path), "--scope", "full", "--test-n", "0",
+                                         "--lr-sweep", "1e-5", "3e-5", "1e-4"])
+    assert (args.scope, args.lr_sweep) == ("full", [1e-5, 3e-5, 1e-4])
+    with pytest.raises(SystemExit):
+        cv.build_parser().parse_args(["--out", str(tmp_path), "--scope", "lora"])
+
+
+def test_sweep_cells_are_named_by_rate_and_kept_apart_from_the_grid(tmp_path):
+    assert cv.cell_path(tmp_path, "t", "all", 1).name == "all-seed1.json"
+    assert cv.cell_path(tmp_path, "t", "all", 1, 3e-5).name == "all-lr3e-05-seed1.json"
+    assert cv.cell_path(tmp_path, "t", "ir+floor12+cpu", 2).name == "ir+floor12+cpu-seed2.json"
+    for lr in (None, 1e-4):
+        path = cv.cell_path(tmp_path, "t", "all", 1, lr)
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps({"lr": lr}))
+    assert [c["lr"] for c in cv.load_cells(tmp_path)] == [None]
+    assert [c["lr"] for c in cv.load_cells(tmp_path, sweep=True)] == [1e-4]
+
+
+def test_offload_moves_counts_layers_leaving_and_returning_with_state():
+    sizes = [10, 100, 1000, 10000]
+    # step 1 trains 0,1; step 2 trains 1,2 (0 leaves, 2 is new: no state yet); step 3 trains 0,2 (1 leaves,
+    # 0 returns with state); step 4 the same set (nothing moves)
+    assert cv.offload_moves([[0, 1], [1, 2], [0, 2], [0, 2]], sizes) == [10, 110, 0]
+    assert cv.offload_moves([[0, 1, 2, 3]] * 3, sizes) == [0, 0]
+
+
+def test_a_cell_from_before_the_scope_key_counts_as_the_lora_recipe(tmp_path):
+    path = tmp_path / "old.json"
+    recipe = {"steps": 4, "eval_every": 2, "val_n": 6, "test_n": 6, "micro_batch": 4, "lr": 1e-3, "warmup": 1,
+              "model": "irtuning://tiny-llama"}  # no "scope": written before it existed
+    path.write_text(json.dumps({"recipe": recipe}))
+    args = _args(tmp_path, ["all"])
+    cv._check_same_recipe(path, args)  # adapter: accepted
+    args.scope = "full"
+    with pytest.raises(SystemExit, match="scope='adapter', this grid asks for 'full'"):
+        cv._check_same_recipe(path, args)
+
+
+def _full(strategy, seed, f1s, test_f1, *, held, active, mode="keep"):
+    c = _cell(strategy, seed, f1s, test_f1)
+    c.update(scope="full", lr=3e-5, device_bytes_per_step=held, active_per_step=active,
+             layer_state_bytes=[2**20, 2**21, 2**22], frozen_optimizer_state=mode)
+    return c
+
+
+def test_both_arms_in_one_table_with_the_best_row_as_target_and_byte_columns():
+    lora = [_cell("all", 1, [0.2, 0.5, 0.6], 0.6), _cell("ir", 1, [0.1, 0.64, 0.7], 0.7)]
+    for c in lora:
+        c["lr"] = 1e-3
+    text_lora = cv.report(lora, "t", "cmd")
+    assert "grads + Adam" not in text_lora and "| ir | 1 |" in text_lora  # the LoRA-only table as before
+    full = [_full("all", 1, [0.3, 0.6, 0.8], 0.8, held=[3 * 2**20] * 3, active=[[0, 1, 2]] * 3),
+            _full("ir+cpu", 1, [0.1, 0.75, 0.78], 0.75, held=[2**20, 2 * 2**20, 4 * 2**20],
+                  active=[[0], [0, 1], [1]], mode="cpu")]
+    s = cv.summarize(lora + full)["t"]
+    assert s["target"] == pytest.approx(0.9 * 0.8)  # full all's 0.8 is the best final of either arm
+    assert set(s["strategies"]) == {"LoRA all", "LoRA ir", "full all", "full ir+cpu"}
+    assert s["strategies"]["full ir+cpu"]["steps_to_target"] == [20]  # 0.75 >= 0.72 at step 20
+    assert s["strategies"]["LoRA ir"]["reached"] == 0  # 0.70 < 0.72
+    # ir+cpu: step 1->2 layer 1 enters without state (0 B), step 2->3 layer 0 leaves (1 MiB)
+    assert s["strategies"]["full ir+cpu"]["moved_bytes"] == (2**19, 2**20)
+    assert s["strategies"]["full all"]["moved_bytes"] == (0, 0)
+    text = cv.report(lora + full, "t", "cmd")
+    assert "| full ir+cpu | 1 | 0.750 | 0.750 | 0.780 | 20 (1/1) |" in text
+    assert "| 2.0 / 4.0 | 0.5 / 1.0 |" in text and "| LoRA all | 1 |" in text and "| - | - |" in text
+    assert "at lr 3e-05" in text and "LoRA r=32 on q,k,v,up,down (rows `LoRA ...`)" in text
+
+
+def test_the_sweep_chooses_the_best_final_validation_rate_and_says_so():
+    cells = []
+    for lr, f1s in ((1e-5, [0.2, 0.4]), (3e-5, [0.5, 0.7]), (1e-4, [0.6, 0.7])):
+        c = _cell("all", 1, f1s, None)
+        c.update(lr=lr, scope="full", task="t", torch="x", threads=2, eval_every=10, val_n=6, model="m")
+        cells.append(c)
+    assert cv.choose_lr(cells) == 3e-5  # 3e-5 and 1e-4 tie at 0.7: the lower rate
+    cells[2]["curve"][-1]["val_macro_f1"] = 0.71
+    assert cv.choose_lr(cells) == 1e-4
+    text = cv.sweep_report(cells, "cmd")
+    assert "#### Task `t`: chosen lr 0.0001" in text and "| 3e-05 | 1 | 0.700 | 0.700 | 0.700 (20) |" in text
+    assert "the test split is not read" in text
+
+
+@pytest.fixture(scope="module")
+def full_grid(tmp_path_factory, tiny_model_dir):
+    out = tmp_path_factory.mktemp("full")
+    args = _args(out, ["all", "ir+cpu"])
+    args.scope = "full"
+    cv.run_grid(args)
+    sweep = cv.build_parser().parse_args(
+        ["--out", str(out / "sweep"), "--model", "irtuning://tiny-llama", "--strategies", "all", "--seeds", "1",
+         "--steps", "2", "--eval-every", "2", "--val-n", "6", "--test-n", "0", "--warmup", "1", "--scope", "full",
+         "--lr-sweep", "1e-5", "1e-4"])
+    cv.run_grid(sweep)
+    return out
+
+
+@pytest.mark.slow
+def test_tiny_full_parameter_cells_hold_bytes_and_offload_moves(full_grid):
+    cells = {c["strategy"]: c for c in cv.load_cells(full_grid)}
+    assert set(cells) == {"all", "ir+cpu"} and all(c["scope"] == "full" for c in cells.values())
+    every, ir = cells["all"], cells["ir+cpu"]
+    assert every["recipe"]["scope"] == "full" and len(every["device_bytes_per_step"]) == 4
+    # all: every layer trains every step, nothing is offloaded; the bytes on the device are constant after
+    # AdamW's first step, and at least 3x the layers' parameters (weights' gradients + two moments)
+    assert set(every["offloaded_bytes_per_step"]) == {0} and len(set(every["device_bytes_per_step"])) == 1
+    assert every["device_bytes_per_step"][0] >= 3 * sum(every["layer_state_bytes"]) // 2
+    assert ir["frozen_optimizer_state"] == "cpu" and max(ir["offloaded_bytes_per_step"]) > 0
+    assert max(ir["device_bytes_per_step"]) < every["device_bytes_per_step"][0]
+    assert any(n < len(ir["layer_state_bytes"]) for n in ir["layers_per_step"])
+    moved = cv.summarize(list(cells.values()))["revision-intention"]["strategies"]["ir+cpu"]["moved_bytes"]
+    assert moved[1] > 0
+    assert cells["all"]["test_n"] == 6
+
+
+@pytest.mark.slow
+def test_tiny_sweep_reads_validation_only_and_reports_the_chosen_rate(full_grid, tmp_path):
+    sweep = cv.load_cells(full_grid / "sweep", sweep=True)
+    assert sorted(c["lr"] for c in sweep) == [1e-5, 1e-4]
+    assert all(c["test_n"] == 0 and c["test_macro_f1"] is None for c in sweep)
+    md = tmp_path / "R.md"
+    assert cv.main(["--out", str(full_grid / "sweep"), "--report", "--results-md", str(md), "--tag", "lr",
+                    "--test-n", "0", "--lr-sweep", "1e-5", "1e-4"]) == 0
+    text = md.read_text()
+    assert "<!-- convergence:lr:start -->" in text and "chosen lr" in text and "| 1e-05 | 1 |" in text
