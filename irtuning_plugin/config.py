@@ -40,6 +40,11 @@ class SelectionConfig:
                                 "('clipped') the Trainer's max_grad_norm clipping", choices=SCORE_GRADIENTS)
     kernel_backend: str = _opt("auto", "implementation of the per-layer gradient norms: auto (Triton on CUDA, "
                                "torch elsewhere), torch, triton, reference (fp64)", choices=KERNEL_BACKENDS)
+    kernel_self_check: bool = _opt(True, "the first Triton launch for each new gradient structure (shapes, dtypes, "
+                                   "layers) also runs the torch path and compares every tensor's and layer's norm "
+                                   "(relative tolerance 1.2e-4); on a mismatch or an error: one ERROR line, the "
+                                   "torch path for the rest of the run, kernel_fallback in irtuning_run.json. Off "
+                                   "only for benchmarks")
     log_scores: bool = _opt(False, "also log every layer's score through the Trainer's logging (tensorboard, wandb)")
     selection_log: bool = _opt(True, "write irtuning_selection.jsonl (step, active layers, scores) in output_dir")
     heatmap: bool = _opt(True, "write irtuning_selection.png (active layers x steps, with scores) at train end")

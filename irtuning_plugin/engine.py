@@ -31,20 +31,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from irtuning_kernels import layer_grad_norms
+from irtuning_kernels.dispatch import CheckedLayerGradNorms
 from irtuning_plugin.config import PREFIX, SelectionConfig
 from irtuning_plugin.depth_floor import floored_strategy
 from irtuning_plugin.layer_map import LayerMap, build_layer_map, set_layers_trainable
+from irtuning_plugin.offload import OptimizerStateOffload
 from irtuning_plugin.strategies import SENTINEL_SCORE, SelectionContext, get_strategy_class
 
 LOG = logging.getLogger(__name__)
-
-
-def _move_state(param_state: dict, device: torch.device) -> None:
-    """Move a parameter's optimizer state tensors (all but ``step``) to ``device``."""
-    for key, value in param_state.items():
-        if key != "step" and torch.is_tensor(value) and value.device != device:
-            param_state[key] = value.to(device)
 
 
 class SelectionError(RuntimeError):
@@ -91,6 +85,9 @@ class LayerSelectionEngine:
         self.started = False
         self.last_row: dict | None = None
         self.optimizer: Any = None  # the torch optimizer (unwrapped from accelerate's), set by begin()
+        # the gradient norms, with the Triton kernel's first-use self-check (irtuning_kernel_self_check)
+        self.grad_norms = CheckedLayerGradNorms(config.kernel_backend, self_check=config.kernel_self_check)
+        self.offload: OptimizerStateOffload | None = None  # frozen_optimizer_state: cpu, made at the first placement
 
     # ---- set-up -------------------------------------------------------------------------------
     def check_optimizer(self, optimizer: Any) -> None:
@@ -245,7 +242,7 @@ class LayerSelectionEngine:
                     grads.append(p.grad)
                     ids.append(lid)
             if grads:
-                res = layer_grad_norms(grads, ids, self.num_layers, backend=self.config.kernel_backend)
+                res = self.grad_norms(grads, ids, self.num_layers)
                 per_tensor_sq, measured = res.per_tensor_sq, res.measured.cpu()
                 # NaN/inf gradient norms (a skipped fp16 step's overflow is not one: it is never scored)
                 nonfinite = measured & ~torch.isfinite(res.per_layer_sq.detach().cpu())
@@ -290,6 +287,9 @@ class LayerSelectionEngine:
         row.update(self.strategy.log_fields())
         row["select_ms"] = round(self.last_select_seconds * 1e3, 3)
         row["next_active"] = list(self.active)
+        if self.config.frozen_optimizer_state == "cpu":  # what this selection sent each way (asynchronously)
+            row["offload_d2h_bytes"] = self.offload.last_d2h_bytes if self.offload else 0
+            row["offload_h2d_bytes"] = self.offload.last_h2d_bytes if self.offload else 0
         self.scored_this_step = False
         self.step_skipped = False
         self.last_row = row
@@ -304,10 +304,13 @@ class LayerSelectionEngine:
             self._forward_hooks.append(layer.register_forward_hook(fn, with_kwargs=True))
 
     def close(self) -> None:
-        """Remove the hooks the engine put on the model (at train end)."""
+        """Remove the hooks the engine put on the model and the optimizer (at train end); wait for the
+        offload's pending copies."""
         for handle in self._forward_hooks:
             handle.remove()
         self._forward_hooks.clear()
+        if self.offload is not None:
+            self.offload.close()
 
     def _select(self, step: int, train_dataloader: Any = None) -> None:
         t0 = time.perf_counter()
@@ -326,24 +329,37 @@ class LayerSelectionEngine:
         self.last_select_seconds = time.perf_counter() - t0
 
     def _place_optimizer_state(self, frozen: set[int], selected: set[int]) -> None:
-        """Apply ``frozen_optimizer_state`` to the layers frozen / selected again by this selection."""
+        """Apply ``frozen_optimizer_state`` to the layers frozen / selected again by this selection.
+
+        ``cpu``: the copies are only issued here (a side stream on CUDA); the optimizer's step pre-hook
+        makes the training stream wait for them before ``optimizer.step()`` (see offload.py)."""
         mode = self.config.frozen_optimizer_state
         if mode == "keep" or self.optimizer is None:
             return
         state = self.optimizer.state
-        for layer in sorted(frozen):
-            for p in self.layer_map.params[layer]:
-                if p not in state:
-                    continue
-                if mode == "drop":
-                    del state[p]
-                else:
-                    _move_state(state[p], torch.device("cpu"))
-        if mode == "cpu":
-            for layer in sorted(selected):
+        if mode == "drop":
+            for layer in sorted(frozen):
                 for p in self.layer_map.params[layer]:
                     if p in state:
-                        _move_state(state[p], p.device)
+                        del state[p]
+            return
+        if self.offload is None or self.offload.optimizer is not self.optimizer:
+            if self.offload is not None:  # a second begin() with another optimizer
+                self.offload.close()
+            self.offload = OptimizerStateOffload(self.optimizer)
+        params = self.layer_map.params
+        self.offload.move(to_host=[p for i in sorted(frozen) for p in params[i]],
+                          to_device=[p for i in sorted(selected) for p in params[i]])
+
+    def run_facts(self) -> dict[str, Any]:
+        """What irtuning_run.json reports about the kernel (self-check, fallback) and the offload totals."""
+        facts: dict[str, Any] = self.grad_norms.facts()
+        if self.config.frozen_optimizer_state == "cpu":
+            off = self.offload
+            facts.update(offload_d2h_bytes_total=off.total_d2h_bytes if off else 0,
+                         offload_h2d_bytes_total=off.total_h2d_bytes if off else 0,
+                         offload_host_buffer_bytes=off.host_buffer_bytes() if off else 0)
+        return facts
 
     def memory_account(self) -> dict[str, int]:
         """Exact bytes now held in trainable parameters, their gradients and the optimizer state, split
@@ -351,10 +367,13 @@ class LayerSelectionEngine:
 
         ``optimizer_state_bytes_offloaded``: the part of the optimizer state that ``frozen_optimizer_state:
         cpu`` keeps off the training device (the state of frozen layers). It lies in ``*_host``; on a
-        CPU-only machine the move changes nothing, and this key still tells that state from what stays."""
+        CPU-only machine the move changes nothing, and this key still tells that state from what stays.
+        ``offload_host_buffer_bytes``: the host buffers ``cpu`` holds (pinned on CUDA machines), one per state
+        tensor that ever left the device: the frozen layers' state lives in them, the rest wait for reuse."""
         out = {f"{what}_{where}": 0 for what in ("trainable_param_bytes", "grad_bytes", "optimizer_state_bytes")
                for where in ("accelerator", "host")}
         out["optimizer_state_bytes_offloaded"] = 0
+        out["offload_host_buffer_bytes"] = self.offload.host_buffer_bytes() if self.offload is not None else 0
 
         def add(what: str, t: torch.Tensor) -> None:
             out[f"{what}_{'host' if t.device.type == 'cpu' else 'accelerator'}"] += t.numel() * t.element_size()

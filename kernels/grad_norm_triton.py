@@ -139,6 +139,10 @@ def _layer_grad_norms_kernel(
                 tl.store(measured_out + lay, (cnt > 0).to(tl.int8), mask=lmask)
 
 
+# triton.jit reads TRITON_INTERPRET once, when this module is imported: True = the CPU interpreter.
+INTERPRETED = type(_layer_grad_norms_kernel).__name__ == "InterpretedFunction"
+
+
 class _Plan:
     """Everything about one gradient-list structure (dtypes, sizes, layer ids) except the pointers."""
 
