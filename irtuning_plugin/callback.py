@@ -23,13 +23,13 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers import TrainerCallback
 
 from irtuning_plugin.config import SelectionConfig, check_training_setup
-from irtuning_plugin.engine import LayerSelectionEngine
+from irtuning_plugin.engine import _STATE_ADVICE, LayerSelectionEngine, SelectionError
 
 LOG = logging.getLogger(__name__)
 
@@ -55,7 +55,10 @@ class LayerSelectionCallback(TrainerCallback):
         self._patched = False
         self._label_logits_hook = None
         self._resume_arg: Any = None  # what trainer.train(resume_from_checkpoint=...) was given
-        self.resumes: list[dict] = []  # {"step", "checkpoint"} of every resume of this run
+        self.resumes: list[dict] = []  # {"step", "checkpoint"} of every resume of this run (+ "config_changed")
+        self.not_written: list[dict] = []  # {"file", "error"} of each of our files a write failed for
+        self._resume_note: dict | None = None  # settings changed on this resume: noted in the next log row
+        self._log_failed = False  # the per-step log write failed: no more writes until train end
         if trainer is not None:
             self._capture_resume_argument(trainer)
 
@@ -121,10 +124,14 @@ class LayerSelectionCallback(TrainerCallback):
     # ---- callback events ---------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         trainer = self.trainer  # DeepSpeed/FSDP may also come from accelerate's config, not the arguments
+        fsdp = getattr(args, "fsdp", None) or getattr(trainer, "is_fsdp_enabled", False)
+        # accelerate's FSDP plugin knows the version in use (transformers 5 defaults to 2, accelerate to 1)
+        fsdp_plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "fsdp_plugin", None)
         check_training_setup(
             self.config, torch_compile=getattr(args, "torch_compile", None),
             deepspeed=getattr(args, "deepspeed", None) or getattr(trainer, "is_deepspeed_enabled", False),
-            fsdp=getattr(args, "fsdp", None) or getattr(trainer, "is_fsdp_enabled", False))
+            fsdp=fsdp, fsdp_config=getattr(args, "fsdp_config", None) if fsdp else None,
+            fsdp_version=getattr(fsdp_plugin, "fsdp_version", None) if fsdp else None)
         self._build_engine(args, model)
         self._patch_trainer()
         self._install_label_logits(model)
@@ -135,7 +142,11 @@ class LayerSelectionCallback(TrainerCallback):
         self._is_main = bool(getattr(state, "is_world_process_zero", True))
         self._check_ddp()
         saved = self._load_checkpoint_state(args, state)
-        self.engine.begin(optimizer, train_dataloader, state=saved["engine"] if saved else None)
+        self.engine.begin(optimizer, train_dataloader, state=saved["engine"] if saved else None,
+                          state_source=saved["file"] if saved else None)
+        if saved and self.engine.config_changes:
+            self.resumes[-1]["config_changed"] = self.engine.config_changes
+            self._resume_note = self.engine.config_changes
         if saved:
             self.console_log.warning(
                 "irtuning: resumed the selection at step %d from %s; backprop %s; step %d trains layers %s",
@@ -148,13 +159,58 @@ class LayerSelectionCallback(TrainerCallback):
                 _backprop_note(self.engine), self.engine.active)
         if self._is_main and args.output_dir:
             self._output_dir = Path(args.output_dir)
-            self._output_dir.mkdir(parents=True, exist_ok=True)
             if self.config.selection_log:
-                self._jsonl = open(self._output_dir / SELECTION_LOG, "w", encoding="utf-8")
-                for row in self.rows:  # the history up to the checkpoint, then this run's steps
-                    self._jsonl.write(json.dumps(row) + "\n")
-                self._jsonl.flush()
+                self._open_selection_log()
         return control
+
+    # ---- our files: every write is guarded, so a failure never costs the user their training or model ----
+    def _guard(self, path: Path | str, write: Callable[[], Any], step: int | None = None) -> bool:
+        """Run ``write``; on any error say so in one loud line naming the file, record it for the run
+        summary (``not_written``) and go on. True when it was written."""
+        try:
+            write()
+            return True
+        except Exception as err:  # noqa: BLE001 - any failure of ours must not end the user's run
+            text = " ".join(f"{type(err).__name__}: {err}".split())
+            LOG.error("irtuning: could not write %s (%s); training and the framework's own saving go on without "
+                      "it", path, text)
+            entry = {"file": str(path), "error": text}
+            if step is not None:
+                entry["step"] = int(step)
+            self.not_written.append(entry)
+            return False
+
+    def _open_selection_log(self) -> None:
+        path = self._output_dir / SELECTION_LOG
+
+        def write() -> None:
+            self._output_dir.mkdir(parents=True, exist_ok=True)
+            fh = open(path, "w", encoding="utf-8")
+            try:
+                for row in self.rows:  # the history up to the checkpoint, then this run's steps
+                    fh.write(json.dumps(row) + "\n")
+                fh.flush()
+            except BaseException:
+                _close_quietly(fh)
+                raise
+            self._jsonl = fh
+
+        self._log_failed = not self._guard(path, write)
+
+    def _append_log_row(self, row: dict) -> None:
+        """One row per step. After a failed write (a full disk) the file is not written again in this run:
+        the rows stay in memory (and go into each checkpoint's copy) and the whole log is written once
+        more at train end."""
+        def write() -> None:
+            self._jsonl.write(json.dumps(row) + "\n")
+            self._jsonl.flush()
+
+        if not self._guard(self._output_dir / SELECTION_LOG, write, step=row["step"]):
+            _close_quietly(self._jsonl)
+            self._jsonl = None
+            self._log_failed = True
+            LOG.error("irtuning: the selection log is not written again until train end, when it is rewritten in "
+                      "full from memory")
 
     def _install_label_logits(self, model) -> None:
         if not self.config.label_logits_only:
@@ -205,13 +261,22 @@ class LayerSelectionCallback(TrainerCallback):
             path = ckpt / STATE_FILE
             if not path.is_file():
                 continue
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            if int(saved.get("step", -1)) != int(state.global_step):
+            saved = read_state_file(path)
+            if saved["step"] != int(state.global_step):
                 continue
-            saved["checkpoint"] = str(ckpt)
+            saved["checkpoint"], saved["file"] = str(ckpt), str(path)
             self.resumes = [*saved.get("resumes", []), {"step": int(state.global_step), "checkpoint": str(ckpt)}]
             log = ckpt / SELECTION_LOG
-            rows = read_selection_log(log) if log.is_file() else []
+            if log.is_file():
+                try:
+                    rows = read_selection_log(log)
+                except SelectionError as err:
+                    raise SelectionError(f"{err}: remove it to resume with the log's rows up to step "
+                                         f"{state.global_step} left out, or resume from another checkpoint") from None
+            else:
+                rows = []
+                LOG.warning("irtuning: %s has no %s: the selection log of this run starts at step %d (the selection "
+                            "itself is restored)", ckpt, SELECTION_LOG, state.global_step + 1)
             self.rows = [r for r in rows if r["step"] <= state.global_step]
             return saved
         LOG.warning("irtuning: training resumes at step %d but no %s of that step was found (looked in %s): the "
@@ -229,10 +294,11 @@ class LayerSelectionCallback(TrainerCallback):
                         "(a resume from it would restart the selection)", ckpt)
             return control
         payload = {"step": int(state.global_step), "engine": self.engine.state_dict(), "resumes": self.resumes}
-        torch.save(payload, ckpt / STATE_FILE)
-        with open(ckpt / SELECTION_LOG, "w", encoding="utf-8") as fh:
-            for row in self.rows:
-                fh.write(json.dumps(row) + "\n")
+        step = int(state.global_step)
+        self._guard(ckpt / STATE_FILE, lambda: _replace_atomically(ckpt / STATE_FILE, lambda p: torch.save(payload, p)),
+                    step=step)
+        self._guard(ckpt / SELECTION_LOG, lambda: _replace_atomically(ckpt / SELECTION_LOG,
+                                                                      lambda p: _write_rows(p, self.rows)), step=step)
         return control
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
@@ -244,10 +310,12 @@ class LayerSelectionCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, train_dataloader=None, **kwargs):
         row = self.engine.end_step(state.global_step, train_dataloader)
+        if self._resume_note is not None:  # the first step after a resume with changed settings
+            row["resume_config_changed"] = self._resume_note
+            self._resume_note = None
         self.rows.append(row)
         if self._jsonl is not None:
-            self._jsonl.write(json.dumps(row) + "\n")
-            self._jsonl.flush()
+            self._append_log_row(row)
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -261,20 +329,43 @@ class LayerSelectionCallback(TrainerCallback):
         if self._label_logits_hook is not None:
             self._label_logits_hook.remove()
         if self._jsonl is not None:
-            self._jsonl.close()
-            self._jsonl = None
-        if self._is_main and self._output_dir is not None:
-            self._write_run_summary(state)
-            self.engine.strategy.on_train_end(self._output_dir)
-        if self._is_main and self._output_dir is not None and self.config.heatmap and self.rows:
-            from irtuning_plugin.selection_plot import plot_selection
-
-            try:
-                plot_selection(self.rows, self.engine.num_layers, self._output_dir / HEATMAP,
-                               title=f"irtuning strategy '{self.config.strategy}'")
-            except ImportError as err:  # matplotlib is optional
-                LOG.warning("irtuning: no heatmap (%s); pip install matplotlib", err)
+            fh, self._jsonl = self._jsonl, None
+            if not self._guard(self._output_dir / SELECTION_LOG, fh.close):
+                _close_quietly(fh)
+                self._log_failed = True
+        if not (self._is_main and self._output_dir is not None):
+            return control
+        out = self._output_dir
+        if self._log_failed:
+            log = out / SELECTION_LOG
+            if self._guard(log, lambda: _write_rows(log, self.rows)):
+                self.not_written = [e for e in self.not_written if e["file"] != str(log)]
+                LOG.warning("irtuning: wrote %s in full at train end (%d rows) after its failed write", log,
+                            len(self.rows))
+        if self.engine is not None:
+            self._strategy_files(out)
+        if self.config.heatmap and self.rows:
+            self._guard(out / HEATMAP, self._plot_heatmap)
+        if self.engine is not None:
+            self._guard(out / RUN_SUMMARY, lambda: self._write_run_summary(state))
         return control
+
+    def _strategy_files(self, out: Path) -> None:
+        """The strategy's own train-end files (salf's calibration plot), guarded like ours."""
+        try:
+            self.engine.strategy.on_train_end(out)
+        except Exception as err:  # noqa: BLE001 - a plot must not cost the user their model
+            where = getattr(err, "filename", None) or f"{out} (the train-end files of strategy {self.config.strategy!r})"
+            self._guard(where, lambda e=err: _reraise(e))
+
+    def _plot_heatmap(self) -> None:
+        from irtuning_plugin.selection_plot import plot_selection
+
+        try:
+            plot_selection(self.rows, self.engine.num_layers, self._output_dir / HEATMAP,
+                           title=f"irtuning strategy '{self.config.strategy}'")
+        except ImportError as err:  # matplotlib is optional
+            raise ImportError(f"{err}; pip install matplotlib") from None
 
     def _write_run_summary(self, state) -> None:
         counts = [r["n_active"] for r in self.rows]
@@ -291,9 +382,11 @@ class LayerSelectionCallback(TrainerCallback):
             "layers_per_step": counts,
             "losses": [(h["step"], h["loss"]) for h in state.log_history if "loss" in h],
             "label_logits": self._label_logits_hook.counts() if self._label_logits_hook is not None else None,
+            "not_written": self.not_written,  # our files a write failed for (logged when it happened)
+            **self.engine.run_facts(),  # kernel self-check and kernel_fallback; cpu offload byte totals
         }
-        with open(self._output_dir / RUN_SUMMARY, "w", encoding="utf-8") as fh:
-            json.dump(summary, fh, indent=1, default=str)
+        text = json.dumps(summary, indent=1, default=str)
+        _replace_atomically(self._output_dir / RUN_SUMMARY, lambda p: p.write_text(text, encoding="utf-8"))
 
 
 def _backprop_note(engine: LayerSelectionEngine) -> str:
@@ -336,5 +429,77 @@ def attach_layer_selection(trainer: Any, config: SelectionConfig | None = None) 
 
 
 def read_selection_log(path: str | os.PathLike) -> list[dict]:
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    """The rows of a selection log; a line that is not a row (a truncated or corrupt file) raises a one-line
+    SelectionError naming the file and the line."""
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for number, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError as err:
+                    raise SelectionError(f"irtuning: {path} line {number} is not valid JSON ({err}); the selection "
+                                         f"log is truncated or corrupt") from None
+                if not isinstance(row, dict) or isinstance(row.get("step"), bool) or not isinstance(row.get("step"), int):
+                    raise SelectionError(f"irtuning: {path} line {number} is not a selection-log row (a JSON object "
+                                         f"with an integer step); the selection log is corrupt")
+                rows.append(row)
+    except UnicodeDecodeError as err:
+        raise SelectionError(f"irtuning: {path} is not UTF-8 text ({err.reason} at byte {err.start}); the selection "
+                             f"log is corrupt") from None
+    return rows
+
+
+def read_state_file(path: Path) -> dict:
+    """A checkpoint's ``irtuning_state.pt``, loaded with weights_only=True (tensors and plain values only).
+    Any failure is one SelectionError naming the file and what to do; torch's own message (which suggests
+    weights_only=False, unsafe for a file from elsewhere) is not passed on."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - every way a file can be unreadable gets the same advice
+        raise SelectionError(f"irtuning: cannot read {path} ({type(err).__name__}): it is truncated, corrupt, or "
+                             f"holds objects other than tensors and plain values, which irtuning does not load "
+                             f"(unpickling them could run code from the file): {_STATE_ADVICE}") from None
+    resumes = saved.get("resumes", []) if isinstance(saved, dict) else None
+    problem = (f"it holds a {type(saved).__name__}, not a dict" if not isinstance(saved, dict)
+               else "no integer step" if isinstance(saved.get("step"), bool) or not isinstance(saved.get("step"), int)
+               else "no engine state" if not isinstance(saved.get("engine"), dict)
+               else "resumes is not a list of records" if not isinstance(resumes, list)
+               or not all(isinstance(r, dict) for r in resumes) else "")
+    if problem:
+        raise SelectionError(f"irtuning: {path} is not a usable selection state ({problem}): {_STATE_ADVICE}")
+    return saved
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+
+
+def _replace_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write`` a temporary file beside ``path``, then rename it over ``path``: a failed write leaves the
+    previous file (or none), never a truncated one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+
+
+def _close_quietly(fh: Any) -> None:
+    try:
+        fh.close()
+    except Exception:  # noqa: BLE001 - the failure that matters was reported already
+        pass
+
+
+def _reraise(err: BaseException) -> None:
+    raise err

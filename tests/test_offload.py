@@ -325,3 +325,22 @@ def test_cuda_offload_uses_pinned_buffers_and_matches_keep():
 
     for a, b in zip(run("keep"), run("cpu"), strict=True):
         assert torch.equal(a, b)
+
+
+def test_trainer_run_summary_carries_offload_totals_and_kernel_facts(tmp_path):
+    import json
+
+    from irtuning_plugin.callback import RUN_SUMMARY, SELECTION_LOG, attach_layer_selection, read_selection_log
+
+    from helpers_tiny import make_trainer
+
+    trainer = make_trainer(tiny_peft_llama(num_layers=L), tmp_path, max_steps=3)
+    attach_layer_selection(trainer, SelectionConfig(strategy="random", frozen_optimizer_state="cpu",
+                                                    strategy_options={"n_layers": 2}))
+    trainer.train()
+    rows = read_selection_log(tmp_path / SELECTION_LOG)
+    run = json.loads((tmp_path / RUN_SUMMARY).read_text())
+    assert run["offload_d2h_bytes_total"] == sum(r["offload_d2h_bytes"] for r in rows)
+    assert run["offload_h2d_bytes_total"] == sum(r["offload_h2d_bytes"] for r in rows)
+    assert run["kernel_fallback"] is None and run["kernel_self_check"] is True
+    assert run["memory_account_at_end"]["offload_host_buffer_bytes"] == run["offload_host_buffer_bytes"]
