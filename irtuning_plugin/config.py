@@ -21,6 +21,7 @@ PREFIX = "irtuning_"
 SCORE_GRADIENTS = ("unclipped", "clipped")
 KERNEL_BACKENDS = ("auto", "torch", "triton", "reference")
 FROZEN_OPTIMIZER_STATES = ("keep", "cpu", "drop")
+SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes 64 bits; the engine derives seed + 1 for ist's data order
 
 
 def _opt(default: Any, help: str, **kw) -> Any:  # noqa: A002
@@ -35,7 +36,7 @@ class SelectionConfig:
     layers_path: str | None = _opt(None, "dotted path of the decoder block list (e.g. model.layers); "
                                    "default: found automatically")
     seed: int | None = _opt(None, "seed of the selection's random draws (default: the training seed); "
-                            "the same on every rank")
+                            "the same on every rank", minimum=0, maximum=SEED_MAX)
     score_gradients: str = _opt("unclipped", "score gradients before ('unclipped', as the reference) or after "
                                 "('clipped') the Trainer's max_grad_norm clipping", choices=SCORE_GRADIENTS)
     kernel_backend: str = _opt("auto", "implementation of the per-layer gradient norms: auto (Triton on CUDA, "
@@ -64,6 +65,11 @@ class SelectionConfig:
         "logits_to_keep + shift_labels), in training forwards: the same loss and gradients, without the LM "
         "head's work on masked prompt tokens (with train_on_inputs: false, 0.81x the counted FLOPs of a SmolLM2 "
         "LoRA step). Causal LMs only; evaluation forwards are left alone")
+    resume_allow_changed_config: bool = _opt(
+        False, "on a resume, go on although the checkpoint's selection was made with other settings (the changed "
+        "keys are warned about, written into the selection log's next row and into irtuning_run.json); by default "
+        "such a resume is refused before training. The strategy, the layer count and the depth floor's "
+        "contract still hold")
     strategy_options: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> "SelectionConfig":
@@ -143,6 +149,45 @@ def check_training_setup(config: SelectionConfig, *, torch_compile: Any = None, 
             "fsdp is set: irtuning does not support FSDP. Each rank holds only a shard of every gradient, so the "
             "per-layer scores would be partial sums that differ between ranks, and FSDP's flat parameters (without "
             "use_orig_params) cannot freeze single layers; remove fsdp/fsdp_config (DDP is supported)")
+
+
+# Engine keys left out of the resume fingerprint: none of them changes which layers are chosen.
+NOT_IN_FINGERPRINT = {
+    "kernel_backend": "the same per-layer norms computed another way (float rounding only); a resume may move "
+                      "to other hardware",
+    "kernel_self_check": "compares the kernel's norms with torch's once; a fallback gives the same norms",
+    "log_scores": "logging only",
+    "selection_log": "writes a file only",
+    "heatmap": "writes a file only",
+    "cut_backward": "where backprop stops; the trained layers' gradients are the same",
+    "label_logits_only": "the same loss and gradients with less LM-head work",
+    "resume_allow_changed_config": "governs the comparison itself",
+}
+
+
+def _plain(value: Any) -> Any:
+    """A value as torch.load(weights_only=True) and JSON take it (tuples become lists)."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def selection_fingerprint(config: SelectionConfig, *, seed: int, layers_path: str) -> dict[str, Any]:
+    """Every key that shapes which layers are chosen, as flat ``irtuning_*`` keys with defaults resolved:
+    the engine's keys (all but :data:`NOT_IN_FINGERPRINT`), the seed the engine uses (the training seed
+    when irtuning_seed is unset), the decoder-layer path found, and every option of the chosen strategy.
+    Stored with the selection state; a resume compares it with its own (a key added later is included
+    unless listed above)."""
+    out: dict[str, Any] = {}
+    for f in engine_keys():
+        if f.name not in NOT_IN_FINGERPRINT:
+            out[PREFIX + f.name] = _plain(getattr(config, f.name))
+    out[PREFIX + "seed"] = int(seed)
+    out[PREFIX + "layers_path"] = layers_path
+    if out.get(PREFIX + "depth_floor") is None:
+        out[PREFIX + "depth_floor"] = 0  # unset and 0 both mean no floor
+    options = config.build_options()
+    for f in dataclasses.fields(options):
+        out[f"{PREFIX}{config.strategy}_{f.name}"] = _plain(getattr(options, f.name))
+    return out
 
 
 def engine_keys() -> list[dataclasses.Field]:

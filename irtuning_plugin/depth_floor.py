@@ -51,6 +51,30 @@ def check_floor_depth(floor: int, num_layers: int, source: str = "") -> int:
     return floor
 
 
+def check_options_above_floor(options: Any, prefix: str, num_layers: int, floor: int) -> None:
+    """Check a strategy's options against the ``num_layers - floor`` layers it works over; an error names the
+    floor, the layers above it and the model's layer count (every integration calls this)."""
+    upper = num_layers - floor
+    try:
+        options.check(prefix, upper)
+    except StrategyConfigError as err:
+        raise StrategyConfigError(f"{err} (with {KEY}={floor} the strategy works over the {upper} layers "
+                                  f"{floor}..{num_layers - 1}); the model has {num_layers}: lower the option, or "
+                                  f"lower {KEY}") from None
+
+
+def saved_floor(strategy_state: dict) -> int:
+    """The depth floor a checkpoint's strategy state was saved under (0: none)."""
+    if isinstance(strategy_state, dict) and set(strategy_state) == {"depth_floor", "inner", "report"}:
+        return int(strategy_state["depth_floor"])
+    return 0
+
+
+def floor_of(strategy: SelectionStrategy) -> int | None:
+    """The engine's strategy's depth floor: 0 without one, None while a salf floor is not known yet."""
+    return strategy.floor if isinstance(strategy, FlooredStrategy) else 0
+
+
 class _UpperView:
     """What a floored strategy sees as the engine: the same engine, with only the layers above the floor."""
 
@@ -97,11 +121,7 @@ class FlooredStrategy(SelectionStrategy):
 
     def _build(self, floor: int) -> None:
         upper = self.num_layers - floor
-        try:
-            self.options.check(self._prefix, upper)
-        except StrategyConfigError as err:
-            raise StrategyConfigError(f"{err} (with {KEY}={floor} the strategy works over the {upper} layers "
-                                      f"{floor}..{self.num_layers - 1})") from None
+        check_options_above_floor(self.options, self._prefix, self.num_layers, floor)
         self.floor = floor
         self.inner = self._cls(upper, self.options)
         self._report.setdefault("depth_floor", floor)

@@ -32,11 +32,12 @@ import torch
 from torch import nn
 
 from irtuning_kernels.dispatch import CheckedLayerGradNorms
-from irtuning_plugin.config import PREFIX, SelectionConfig
-from irtuning_plugin.depth_floor import floored_strategy
-from irtuning_plugin.layer_map import LayerMap, build_layer_map, set_layers_trainable
+from irtuning_plugin.config import PREFIX, SelectionConfig, selection_fingerprint
+from irtuning_plugin.depth_floor import FLOOR_FROM_SALF, floor_of, floored_strategy, saved_floor
+from irtuning_plugin.layer_map import LayerMap, _is_adapter_param, build_layer_map, set_layers_trainable
 from irtuning_plugin.offload import OptimizerStateOffload
 from irtuning_plugin.strategies import SENTINEL_SCORE, SelectionContext, get_strategy_class
+from irtuning_plugin.strategies.base import StrategyConfigError
 
 LOG = logging.getLogger(__name__)
 
@@ -45,7 +46,17 @@ class SelectionError(RuntimeError):
     """The engine cannot run in the setup it was given (raised before training starts)."""
 
 
-STATE_VERSION = 1
+def _has_adapters(model: nn.Module) -> bool:
+    """The model carries LoRA/PEFT adapter tensors."""
+    return any(_is_adapter_param(name) for name, _ in model.named_parameters())
+
+
+STATE_VERSION = 2  # 2 adds the fingerprint of the settings that shape the selection
+READABLE_STATE_VERSIONS = (1, 2)
+# What to do about a selection state that cannot be used (said in every such refusal).
+_STATE_ADVICE = ("remove that file to resume this checkpoint with the selection started afresh (irtuning warns), "
+                 "or resume from another checkpoint")
+_STATE_TENSORS = ("scores", "ever_measured", "fresh")
 
 
 def _dist_world():
@@ -67,6 +78,9 @@ class LayerSelectionEngine:
                                          f"{PREFIX}{config.strategy}_")
         self.seed = int(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
+        # what shapes the choice (saved with the state; a resume compares it with its own)
+        self.fingerprint = selection_fingerprint(config, seed=self.seed, layers_path=self.layer_map.layers_path)
+        self.config_changes: dict[str, dict[str, Any]] = {}  # set by a resume allowed to change settings
         self.scores = torch.full((L,), SENTINEL_SCORE, dtype=torch.float64)
         self.ever_measured = torch.zeros(L, dtype=torch.bool)
         self.fresh = torch.zeros(L, dtype=torch.bool)
@@ -100,6 +114,13 @@ class LayerSelectionEngine:
                    for p, n in zip(ps, ns, strict=True) if id(p) not in held]
         if missing:
             layer, name = missing[0]
+            if self.config.scope == "full" and _has_adapters(self.model):
+                frozen = sum(1 for i, n in missing if not _is_adapter_param(n))
+                raise SelectionError(
+                    f"irtuning: irtuning_scope='full' selects all of each layer's parameters, but this model carries "
+                    f"LoRA/PEFT adapters and its base weights are frozen, so {frozen} of them are not in the "
+                    f"optimizer (first: layer {layer} '{name}'): use irtuning_scope: adapter to select the adapter "
+                    f"layers, or fine-tune the full model without an adapter")
             raise SelectionError(
                 f"irtuning: {len(missing)} selectable parameters are not in the optimizer (first: layer {layer} "
                 f"'{name}'); the optimizer must be built over every layer's trainable tensors before selection "
@@ -168,9 +189,10 @@ class LayerSelectionEngine:
                 f"layer (no layers_to_transform, no freezing), or use irtuning_strategy: all")
 
     def begin(self, optimizer: Any = None, train_dataloader: Any = None, *, check_optimizer: bool = True,
-              state: dict | None = None) -> list[int]:
+              state: dict | None = None, state_source: str | None = None) -> list[int]:
         """Check the set-up and choose the layers of the first step, or, given ``state`` (from
-        :meth:`state_dict`, e.g. of a checkpoint), restore the selection it holds and apply it."""
+        :meth:`state_dict`, e.g. of a checkpoint; ``state_source`` names its file in errors), restore the
+        selection it holds and apply it."""
         if check_optimizer:
             self.check_optimizer(optimizer)
         self.check_layers()
@@ -181,8 +203,11 @@ class LayerSelectionEngine:
         self.started = True
         if state is None:
             self._select(step=0, train_dataloader=train_dataloader)
+        elif self.load_state_dict(state, source=state_source):
+            # Settings changed on an allowed resume: the layers of the next step are chosen again under
+            # them (by the rules of a run's first choice, from the restored scores).
+            self._select(step=0, train_dataloader=train_dataloader)
         else:
-            self.load_state_dict(state)
             set_layers_trainable(self.layer_map, self.active)
             frozen = set(range(self.num_layers)) - set(self.active)
             self._place_optimizer_state(frozen=frozen, selected=set(self.active))
@@ -203,26 +228,111 @@ class LayerSelectionEngine:
             "generator": self.generator.get_state(),
             "nonfinite_warned": self.nonfinite_warned,
             "strategy_state": self.strategy.state_dict(),
+            "fingerprint": dict(self.fingerprint),
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise SelectionError(f"irtuning: selection state of version {state.get('version')!r}; this "
-                                 f"irtuning reads version {STATE_VERSION}")
+    def _check_state(self, state: Any, where: str) -> None:
+        """The structure :meth:`state_dict` writes, or a one-line SelectionError naming ``where``."""
+        def bad(what: str) -> SelectionError:
+            return SelectionError(f"irtuning: {where} is not a usable selection state ({what}): {_STATE_ADVICE}")
+
+        if not isinstance(state, dict):
+            raise bad(f"it holds a {type(state).__name__}, not a dict")
+        if state.get("version") not in READABLE_STATE_VERSIONS:
+            raise SelectionError(f"irtuning: {where} is a selection state of version {state.get('version')!r}; "
+                                 f"this irtuning reads versions {', '.join(map(str, READABLE_STATE_VERSIONS))}: "
+                                 f"{_STATE_ADVICE}")
+        required = ("strategy", "num_layers", *_STATE_TENSORS, "active", "generator")
+        missing = [k for k in required if k not in state]
+        if missing:
+            raise bad(f"missing {', '.join(missing)}")
+        n = state["num_layers"]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise bad(f"num_layers={n!r}")
+        for key in _STATE_TENSORS:
+            t = state[key]
+            if not torch.is_tensor(t) or tuple(t.shape) != (n,):
+                raise bad(f"{key} is not a tensor of {n} layer values")
+        active = state["active"]
+        if (not isinstance(active, (list, tuple)) or not active
+                or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n for i in active)):
+            raise bad(f"active={active!r} is not a non-empty list of layer indices below {n}")
+        if not torch.is_tensor(state["generator"]) or state["generator"].dtype != torch.uint8:
+            raise bad("generator is not a generator state")
+        for key in ("strategy_state", "fingerprint"):
+            if not isinstance(state.get(key) or {}, dict):
+                raise bad(f"{key} is not a dict")
+
+    def _changed_settings(self, state: dict, where: str) -> dict[str, dict[str, Any]]:
+        """Keys of :attr:`fingerprint` whose value differs in ``state``: {key: {"old": ..., "new": ...}}."""
+        saved = state.get("fingerprint")
+        if saved is None:  # a state of version 1: the depth floor is read from the strategy's state
+            LOG.warning("irtuning: %s was written by an earlier irtuning that kept no fingerprint of its settings: "
+                        "only the strategy, the layer count and the depth floor are compared with this run's",
+                        where)
+            mine = self.fingerprint[PREFIX + "depth_floor"]
+            floor = saved_floor(state.get("strategy_state") or {})
+            if floor != mine and not (mine == FLOOR_FROM_SALF and floor > 0):
+                return {PREFIX + "depth_floor": {"old": floor, "new": mine}}
+            return {}
+        absent = "(absent)"
+        return {k: {"old": saved.get(k, absent), "new": self.fingerprint.get(k, absent)}
+                for k in sorted(set(saved) | set(self.fingerprint)) if saved.get(k, absent) != self.fingerprint.get(k, absent)}
+
+    def load_state_dict(self, state: dict, source: str | None = None) -> bool:
+        """Restore :meth:`state_dict`. Refused in one line (naming ``source``, the file) when the state is
+        malformed, of another strategy or layer count, or made under other settings (unless
+        irtuning_resume_allow_changed_config). True when the next step's layers must be chosen again: the
+        settings changed (allowed), or the saved layers lie below the depth floor."""
+        where = source or "the given selection state"
+        self._check_state(state, where)
         for key, mine in (("strategy", self.strategy.name), ("num_layers", self.num_layers)):
             if state[key] != mine:
                 raise SelectionError(f"irtuning: the checkpoint's selection state has {key}={state[key]!r} but "
-                                     f"this run has {key}={mine!r}; resume with the same irtuning settings")
-        active = [int(i) for i in state["active"]]
-        if not active or min(active) < 0 or max(active) >= self.num_layers:
-            raise SelectionError(f"irtuning: the checkpoint's selection state has invalid active layers {active}")
+                                     f"this run has {key}={mine!r}; resume with the same irtuning settings "
+                                     f"({where})")
+        changes = self._changed_settings(state, where)
+        listed = ", ".join(f"{k} {c['old']!r} -> {c['new']!r}" for k, c in changes.items())
+        if changes and not self.config.resume_allow_changed_config:
+            raise SelectionError(
+                f"irtuning: {where} was saved with other selection settings than this run's: {listed}; resume with "
+                f"the checkpoint's values, or set {PREFIX}resume_allow_changed_config: true to go on with the new "
+                f"ones")
+        # with changed strategy options or floor, the strategy's own state belongs to other settings
+        restart = any(k == PREFIX + "depth_floor" or k.startswith(f"{PREFIX}{self.strategy.name}_") for k in changes)
         self.scores = state["scores"].detach().to(torch.float64).cpu().clone()
         self.ever_measured = state["ever_measured"].detach().bool().cpu().clone()
         self.fresh = state["fresh"].detach().bool().cpu().clone()
-        self.active = active
-        self.generator.set_state(state["generator"])
+        self.active = [int(i) for i in state["active"]]
+        try:
+            self.generator.set_state(state["generator"])
+        except RuntimeError as err:
+            raise SelectionError(f"irtuning: {where} is not a usable selection state (its generator state: "
+                                 f"{err}): {_STATE_ADVICE}") from None
+        if PREFIX + "seed" in changes:  # the new seed takes effect
+            self.generator.manual_seed(self.seed)
         self.nonfinite_warned = bool(state.get("nonfinite_warned", False))
-        self.strategy.load_state_dict(state.get("strategy_state") or {})
+        if not restart:
+            try:
+                self.strategy.load_state_dict(state.get("strategy_state") or {})
+            except StrategyConfigError:
+                raise
+            except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, IndexError) as err:
+                raise SelectionError(f"irtuning: {where}: the state of strategy {self.strategy.name!r} cannot be "
+                                     f"restored ({type(err).__name__}: {err}): {_STATE_ADVICE}") from None
+        floor = floor_of(self.strategy)
+        below = [i for i in self.active if floor is None or i < floor]
+        if changes:
+            self.config_changes = changes
+            LOG.warning(
+                "irtuning: RESUMING WITH CHANGED SELECTION SETTINGS (%sresume_allow_changed_config: true) from %s: "
+                "%s; the steps so far were chosen under the old values, the rest under the new ones%s", PREFIX,
+                where, listed, "; the strategy's own state restarts and the next step's layers are chosen again"
+                if restart or below else "")
+        elif below:  # only a malformed state gets here: the floor's contract holds whatever the flag
+            raise SelectionError(f"irtuning: {where} has active layers {below} below {PREFIX}depth_floor={floor}, "
+                                 f"which must never train: {_STATE_ADVICE}")
+        return restart or bool(below)
 
     # ---- per step -----------------------------------------------------------------------------
     def collect_scores(self, *, step_skipped: bool = False) -> torch.Tensor:

@@ -61,6 +61,10 @@ class KeyType:
     strings: bool = False
     int_lists: bool = False
     choices: tuple[str, ...] = ()
+    # inclusive bounds of a number (field metadata ``minimum=`` / ``maximum=``), for values that reach an
+    # API with a range of its own (a seed reaches torch.Generator.manual_seed)
+    minimum: int | float | None = None
+    maximum: int | float | None = None
 
     @classmethod
     def from_field(cls, f: dataclasses.Field, annotation: Any) -> "KeyType":
@@ -89,14 +93,15 @@ class KeyType:
                 raise TypeError(f"key {f.name!r}: annotation {annotation!r} is not a supported key type")
         if not all(isinstance(c, str) for c in choices):
             raise TypeError(f"key {f.name!r}: choices must be strings, got {choices!r}")
-        return cls(**kw, choices=tuple(dict.fromkeys(choices)))
+        return cls(**kw, choices=tuple(dict.fromkeys(choices)), minimum=f.metadata.get("minimum"),
+                   maximum=f.metadata.get("maximum"))
 
     def describe(self) -> str:
         parts = []
         if self.ints and not self.floats:
-            parts.append("a whole number")
+            parts.append("a whole number" + self._range())
         if self.floats:
-            parts.append("a number")
+            parts.append("a number" + self._range())
         if self.bools:
             parts.append("true or false")
         if self.int_lists:
@@ -107,15 +112,28 @@ class KeyType:
             parts.append(self.choices[0] if len(self.choices) == 1 else "one of " + ", ".join(self.choices))
         return " or ".join(parts)
 
+    def _range(self) -> str:
+        if self.minimum is None and self.maximum is None:
+            return ""
+        if self.maximum is None:
+            return f" >= {self.minimum}"
+        if self.minimum is None:
+            return f" <= {self.maximum}"
+        return f" in {self.minimum}..{self.maximum}"
+
+    def _in_range(self, value: int | float) -> bool:
+        return ((self.minimum is None or value >= self.minimum)
+                and (self.maximum is None or value <= self.maximum))
+
     def accepts(self, value: Any) -> bool:
         if value is None:
             return True
         if isinstance(value, bool):
             return self.bools
         if isinstance(value, int):
-            return self.ints or self.floats
+            return (self.ints or self.floats) and self._in_range(value)
         if isinstance(value, float):
-            return self.floats and math.isfinite(value)
+            return self.floats and math.isfinite(value) and self._in_range(value)
         if isinstance(value, str):
             return value in self.choices or (self.strings and bool(value.strip()))
         if isinstance(value, (list, tuple)):
@@ -129,7 +147,7 @@ class KeyType:
         only_choices = self.choices and not (self.ints or self.floats or self.bools or self.strings or self.int_lists)
         if only_choices:
             raise StrategyConfigError(f"{key}={value!r}; allowed: {', '.join(self.choices)}")
-        if isinstance(value, float) and self.floats:
+        if isinstance(value, float) and self.floats and not math.isfinite(value):
             raise StrategyConfigError(f"{key}={value!r}; must be a finite number")
         raise StrategyConfigError(f"{key}={value!r}; must be {self.describe()}{self._hint(value)}")
 
