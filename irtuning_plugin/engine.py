@@ -34,6 +34,7 @@ from torch import nn
 from irtuning_kernels.dispatch import CheckedLayerGradNorms
 from irtuning_plugin.config import PREFIX, SelectionConfig, selection_fingerprint
 from irtuning_plugin.depth_floor import FLOOR_FROM_SALF, floor_of, floored_strategy, saved_floor
+from irtuning_plugin.distributed import copies_over_ranks, is_sharded, local_part, mean_of_measured, sum_over_ranks
 from irtuning_plugin.layer_map import LayerMap, _is_adapter_param, build_layer_map, set_layers_trainable
 from irtuning_plugin.offload import OptimizerStateOffload
 from irtuning_plugin.strategies import SENTINEL_SCORE, SelectionContext, get_strategy_class
@@ -90,6 +91,7 @@ class LayerSelectionEngine:
         params, ids = self.layer_map.flat()
         self._params = params
         self._param_layer = ids
+        self._init_sharding()
         self.scored_this_step = False
         self.step_skipped = False
         self._forward_hooks: list[Any] = []
@@ -345,7 +347,13 @@ class LayerSelectionEngine:
         fresh = torch.zeros(self.num_layers, dtype=torch.bool)
         nonfinite = torch.zeros(self.num_layers, dtype=torch.bool)
         self.step_skipped = bool(step_skipped)
-        if not step_skipped:
+        if self._copies is not None:  # FSDP2: local shards, one all_reduce
+            per_tensor_sq, ids, measured, self.step_skipped = self._sharded_norms(self.step_skipped)
+            if not self.step_skipped:
+                per_layer = torch.zeros(self.num_layers, dtype=torch.float64).index_add_(0, ids, per_tensor_sq)
+                nonfinite = measured & ~torch.isfinite(per_layer)
+                fresh = self._strategy_scores(per_tensor_sq, ids, measured)
+        elif not step_skipped:
             grads, ids = [], []
             for p, lid in zip(self._params, self._param_layer, strict=True):
                 if p.grad is not None:
@@ -358,15 +366,65 @@ class LayerSelectionEngine:
                 nonfinite = measured & ~torch.isfinite(res.per_layer_sq.detach().cpu())
             else:
                 per_tensor_sq, measured = torch.zeros(0, dtype=torch.float64), fresh
-            layer_scores, fresh = self.strategy.step_scores(
-                per_tensor_sq, torch.as_tensor(ids, dtype=torch.long), measured)
-            self.scores[fresh] = layer_scores[fresh].double()
+            fresh = self._strategy_scores(per_tensor_sq, torch.as_tensor(ids, dtype=torch.long), measured)
         self.fresh = fresh
         self.nonfinite = nonfinite
         self.ever_measured |= fresh
         self.scored_this_step = True
         self.last_score_seconds = time.perf_counter() - t0
         return self.scores
+
+    def _strategy_scores(self, per_tensor_sq: torch.Tensor, ids: torch.Tensor, measured: torch.Tensor) -> torch.Tensor:
+        """Store the strategy's scores of this step; returns which layers they measured."""
+        layer_scores, fresh = self.strategy.step_scores(per_tensor_sq, ids, measured)
+        if self._per_rank_scores:  # each rank's own batch: every rank takes the mean over ranks
+            layer_scores, fresh = mean_of_measured(layer_scores, fresh)
+        self.scores[fresh] = layer_scores[fresh].double()
+        return fresh
+
+    # ---- several ranks ------------------------------------------------------------------------
+    def _init_sharding(self) -> None:
+        """Find FSDP2 (DTensor) parameters among the selectable ones, and which scores differ by rank."""
+        names = [n for ns in self.layer_map.names for n in ns]
+        self._copies: torch.Tensor | None = None
+        if any(is_sharded(p) for p in self._params):
+            try:
+                self._copies = copies_over_ranks(self._params, names)
+            except ValueError as err:
+                raise SelectionError(f"irtuning: {err}") from None
+        # ir's cosine comes from each rank's own hidden states (its batch); gradient and weight scores do not
+        self._per_rank_scores = (self.config.strategy == "ir" and _dist_world()[0] > 1
+                                 and self.config.build_options().score == "cosine")
+
+    def _sharded_norms(self, step_skipped: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        """Per-tensor squared norms of sharded gradients: each rank sums squares over its local shards
+        (``to_local()``, possibly empty), then one all_reduce of 2 n + 1 floats (the sums, which tensors
+        have a gradient, whether any rank skips the step) makes them exact and the same on every rank.
+
+        Returns (per_tensor_sq, layer ids, measured layers, step skipped) for the tensors with gradients,
+        in the engine's parameter order, as the one-process path gives them."""
+        n = len(self._params)
+        has_grad = torch.zeros(n, dtype=torch.float64)
+        local, where = [], []
+        for k, p in enumerate(self._params):
+            if p.grad is None:
+                continue
+            has_grad[k] = 1.0
+            g = local_part(p.grad)
+            if g.numel() and not step_skipped:  # an uneven shard can be empty on this rank: it adds 0
+                local.append(g)
+                where.append(k)
+        sq = torch.zeros(n, dtype=torch.float64)
+        if local:
+            res = self.grad_norms(local, [self._param_layer[k] for k in where], self.num_layers)
+            sq[where] = res.per_tensor_sq.detach().double().cpu()
+        total = sum_over_ranks(torch.cat([sq / self._copies, has_grad, torch.tensor([float(step_skipped)])]))
+        skipped = bool(total[-1] > 0)
+        with_grad = total[n:2 * n] > 0  # a gradient on any rank (FSDP2 gives every rank one, maybe empty)
+        ids = torch.as_tensor(self._param_layer, dtype=torch.long)[with_grad]
+        measured = torch.zeros(self.num_layers, dtype=torch.bool)
+        measured[ids] = True
+        return total[:n][with_grad], ids, measured, skipped
 
     def end_step(self, step: int, train_dataloader: Any = None) -> dict:
         """Record the step that just ended and choose (and apply) the layers of the next one."""

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from irtuning_plugin.distributed import frobenius_norms
 from irtuning_plugin.strategies.base import (
     SENTINEL_SCORE,
     SelectionContext,
@@ -215,7 +216,7 @@ class IRStrategy(SelectionStrategy):
                 self._cosine[index] = hidden_state_cosine(before, after)
 
     def _weight_norms(self) -> torch.Tensor:
-        return torch.tensor([float(w.detach().float().norm()) for w in self._o_proj], dtype=torch.float64)
+        return frobenius_norms(self._o_proj)  # under FSDP2 from each rank's shards, one all_reduce
 
     def step_scores(self, per_tensor_sq, layer_ids, grad_measured):
         if self.options.score == "weight":

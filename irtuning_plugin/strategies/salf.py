@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from irtuning_plugin.distributed import unsharded_root
 from irtuning_plugin.salf_calibration import (
     EMBEDDING_SPACE,
     ESTIMATORS,
@@ -212,7 +213,8 @@ class SALFStrategy(SelectionStrategy):
             raise CalibrationError(f"salf calibrates on the training dataloader, which this run does not pass to "
                                    f"the engine; give the cut by hand with {key}")
         loader = _calibration_loader(ctx.train_dataloader)
-        with _rng_untouched(loader):
+        # under FSDP2 every rank runs these forwards together, with the LM head and final norm whole
+        with _rng_untouched(loader), unsharded_root(ctx.engine.model):
             batches = itertools.islice(iter(loader), int(self.options.calibration_batches))
             self.calibrate(ctx.engine.model, ctx.engine.layer_map.layers, batches)
 

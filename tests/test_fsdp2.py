@@ -1,0 +1,153 @@
+"""Layer selection on an FSDP2-sharded model (``fully_shard``): 2 gloo ranks on CPU against one process.
+
+One spawn of two ranks trains every case of ``CASES`` in turn on a tiny Llama whose decoder layers and
+root are ``fully_shard``-ed (fsdp2_worker.py drives the engine by hand, as the callback does); the same
+cases run again in this process, unsharded, on both ranks' batches at once. The test checks that:
+
+* every rank selects the same layers with the same scores and ends with the same weights;
+* gradient scores (ir's reference and l2 norms, from local shards plus one all_reduce), weight scores,
+  and the layers and weights that follow equal the one-process run's, to fp32 rounding;
+* frozen layers get no gradient, the depth floor and the backward cut stop backprop as in one process,
+  and ``drop`` / ``cpu`` / ``keep`` leave the optimizer state each says;
+* ist's importance updates and salf's calibration run on every rank together, and ir's cosine (from each
+  rank's own batch) is averaged so the ranks agree;
+* a run resumed from a torch.distributed.checkpoint of the sharded model and optimizer (plus the engine's
+  state written by rank 0) selects and trains exactly as the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import fsdp2_worker as worker
+import pytest
+import torch
+
+LORA_R1 = {"rank": 1}  # lora_A is [1, 32]: Shard(0) over 2 ranks leaves rank 1 an empty local shard
+CASES = [
+    # compared with the one-process run: the scores come from the mean gradient both runs share
+    {"name": "ir_drop", "config": {"strategy": "ir", "frozen_optimizer_state": "drop"}, "steps": 4, **LORA_R1},
+    {"name": "ir_drop_resumed", "config": {"strategy": "ir", "frozen_optimizer_state": "drop"}, "steps": 4,
+     "resume_at": 2, **LORA_R1},
+    {"name": "ir_l2_floor_cut", "config": {"strategy": "ir", "depth_floor": 2, "frozen_optimizer_state": "cpu",
+                                           "strategy_options": {"score": "l2"}}, "steps": 3, "input_grad_hook": True},
+    {"name": "ir_full", "config": {"strategy": "ir", "scope": "full"}, "steps": 3, "model": "full"},
+    {"name": "ir_weight", "config": {"strategy": "ir", "strategy_options": {"score": "weight"}}, "steps": 2},
+    {"name": "lisa", "config": {"strategy": "lisa", "strategy_options": {"n_layers": 2, "interval": 2}}, "steps": 4},
+    {"name": "random", "config": {"strategy": "random", "strategy_options": {"n_layers": 2}}, "steps": 3},
+    {"name": "fixed", "config": {"strategy": "fixed", "strategy_options": {"layers": [3, 5]}}, "steps": 2},
+    # signals of each rank's own batch, combined over ranks: the ranks agree (a one-process run differs)
+    {"name": "ir_cosine", "config": {"strategy": "ir", "strategy_options": {"score": "cosine"}}, "steps": 3},
+    {"name": "ist", "config": {"strategy": "ist", "strategy_options": {"first_update": 1, "update_every": 2,
+                                                                       "estimation_batch": 4}}, "steps": 3},
+    {"name": "salf", "config": {"strategy": "salf", "strategy_options": {"calibration_batches": 2}}, "steps": 2},
+]
+PER_RANK = {"ir_cosine", "ist", "salf"}
+ONE_PROCESS = [c for c in CASES if c["name"] not in PER_RANK and "resume_at" not in c]
+SECONDS: dict[str, float] = {}
+
+
+def _load(out: Path, name: str, rank: int) -> tuple[dict, dict]:
+    return (json.loads((out / f"{name}.rank{rank}.json").read_text()),
+            torch.load(out / f"{name}.rank{rank}.pt", weights_only=True))
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    import torch.multiprocessing as mp
+
+    out = tmp_path_factory.mktemp("fsdp2")
+    t0 = time.perf_counter()
+    mp.spawn(worker.run_cases, args=(2, CASES, str(out), str(out / "pg")), nprocs=2)
+    SECONDS["two ranks"] = time.perf_counter() - t0
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp2_one")
+    threads = torch.get_num_threads()
+    t0 = time.perf_counter()
+    try:
+        worker.run_cases(0, 1, ONE_PROCESS, str(out), "")
+    finally:
+        torch.set_num_threads(threads)
+    SECONDS["one process"] = time.perf_counter() - t0
+    return out
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_every_rank_selects_and_trains_the_same(sharded, case):
+    (r0, w0), (r1, w1) = (_load(sharded, case["name"], r) for r in (0, 1))
+    assert r0["world"] == r1["world"] == 2
+    assert len(r0["rows"]) == case["steps"]
+    assert r0["rows"] == r1["rows"]  # layers, scores, strategy fields, every step
+    assert w0.keys() == w1.keys() and w0 and all(torch.equal(w0[k], w1[k]) for k in w0)
+    assert r0["facts"][0]["loss"] != r1["facts"][0]["loss"]  # each rank trained on its own batch
+    for row, facts in zip(r0["rows"], r0["facts"]):
+        # the layers that trained this step are exactly those with gradients (frozen ones: None)
+        assert facts["with_grad"] == row["active"]
+
+
+@pytest.mark.parametrize("case", ONE_PROCESS, ids=[c["name"] for c in ONE_PROCESS])
+def test_scores_layers_and_weights_equal_one_process(sharded, one_process, case):
+    (two, w_two), (one, w_one) = _load(sharded, case["name"], 0), _load(one_process, case["name"], 0)
+    assert one["world"] == 1
+    assert [r["active"] for r in two["rows"]] == [r["active"] for r in one["rows"]]
+    assert [r["fresh"] for r in two["rows"]] == [r["fresh"] for r in one["rows"]]
+    for a, b in zip(two["rows"], one["rows"]):
+        assert a["scores"] == pytest.approx(b["scores"], rel=1e-5, abs=2e-6)
+    # the mean of the two ranks' losses is the one-process loss over both batches
+    for a, b in zip(two["facts"], one["facts"]):
+        assert a["out_requires_grad"] == b["out_requires_grad"]
+        assert a["state_layers"] == b["state_layers"]
+    mean_loss = [(x["loss"] + y["loss"]) / 2 for x, y in zip(two["facts"], _load(sharded, case["name"], 1)[0]["facts"])]
+    assert mean_loss == pytest.approx([f["loss"] for f in one["facts"]], rel=1e-5)
+    assert w_two.keys() == w_one.keys()
+    worst = max(float((w_two[k] - w_one[k]).abs().max()) for k in w_two)
+    assert worst < 1e-4, worst
+    if case["config"].get("scope") == "full" or case.get("model") == "full":
+        assert any(k.endswith("o_proj.weight") for k in w_two)  # whole layers trained, not adapters
+
+
+def test_depth_floor_and_backward_cut_as_in_one_process(sharded):
+    rows, facts = (lambda d: (d["rows"], d["facts"]))(_load(sharded, "ir_l2_floor_cut", 0)[0])
+    for row, f in zip(rows, facts):
+        assert f["backward_cut"]  # the enable_input_require_grads hook was removed
+        assert min(row["active"]) >= 2  # the floor: layers 0 and 1 never train
+        lowest = min(row["active"])
+        # backward reaches exactly the layers from the lowest trained one up
+        assert f["out_requires_grad"] == [i >= lowest for i in range(worker.LAYERS)]
+
+
+def test_frozen_optimizer_state_drop_keep_cpu(sharded):
+    dropped = _load(sharded, "ir_drop", 0)[0]
+    for row, f in zip(dropped["rows"], dropped["facts"]):
+        assert f["state_layers"] == row["active"]  # a frozen layer's (sharded) moments are deleted
+    assert any(r["active"] != dropped["rows"][0]["active"] for r in dropped["rows"])  # layers did change
+    for name in ("ir_l2_floor_cut", "lisa"):  # cpu / keep: every layer that ever trained keeps its state
+        d = _load(sharded, name, 0)[0]
+        seen = set()
+        for row, f in zip(d["rows"], d["facts"]):
+            seen |= set(row["active"])
+            assert f["state_layers"] == sorted(seen)
+
+
+def test_resume_from_a_distributed_checkpoint_matches_the_uninterrupted_run(sharded):
+    (full, w_full), (resumed, w_res) = _load(sharded, "ir_drop", 0), _load(sharded, "ir_drop_resumed", 0)
+    assert resumed["rows"] == full["rows"]
+    assert [f["loss"] for f in resumed["facts"]] == [f["loss"] for f in full["facts"]]
+    assert all(torch.equal(w_full[k], w_res[k]) for k in w_full)
+    assert (sharded / "ir_drop_resumed.ckpt" / "dcp" / ".metadata").is_file()
+
+
+def test_per_rank_signals_are_combined(sharded):
+    cosine = _load(sharded, "ir_cosine", 0)[0]["rows"]
+    assert all(len(r["fresh"]) == worker.LAYERS for r in cosine)  # every layer measured on both ranks
+    updates = [r["ist_update"] for r in _load(sharded, "ist", 0)[0]["rows"] if "ist_update" in r]
+    assert len(updates) == 2  # steps 1 and 3; losses are the mean of both ranks' damped passes
+    calib = _load(sharded, "salf", 0)[0]["rows"][0]
+    assert calib["salf_source"] == "calibration" and calib["salf_batches"] == 2 and calib["salf_tokens"] > 0
+
