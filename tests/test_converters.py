@@ -164,4 +164,170 @@ def test_cli_convert(tmp_path, capsys):
     _rewrite_line(src / "train.json", 0, lambda line: "[1, 2]")
     assert main(["convert", "iterater", str(src), str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err
-    assert err.strip().splitlines() == ["irtuning convert: train.json line 1: expected a JSON object, got list"]
+    lines = err.strip().splitlines()  # one line; the CLI's prefix and hint are the CLI's business
+    assert len(lines) == 1 and lines[0].startswith("irtuning convert:")
+    assert "train.json line 1: expected a JSON object, got list" in lines[0]
+
+
+# --- issue 35: never destroy a user's file; one-line input errors; duplicate rows ---------------------
+
+def _snapshot(root: Path) -> dict[str, str]:
+    """Every entry under ``root`` (or the file ``root`` itself): relative path -> sha256, or 'dir'."""
+    if root.is_file():
+        return {".": hashlib.sha256(root.read_bytes()).hexdigest()}
+    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir")
+            for p in sorted(root.rglob("*"))}
+
+
+def test_convert_refuses_to_write_into_its_source(tmp_path):
+    src = _copy_iterater(tmp_path)
+    before = _snapshot(src)
+    with pytest.raises(ConversionError, match=r"src is the source; write the output to another folder"):
+        convert_iterater(src, src)
+    with pytest.raises(ConversionError, match=r"src/converted is inside the source folder .*src; write the output "
+                       r"outside it"):
+        convert_iterater(src, src / "converted", force=True)
+    with pytest.raises(ConversionError, match=r"holds the source .*src"):
+        convert_iterater(src, tmp_path, force=True)
+    assert _snapshot(src) == before  # byte for byte, and nothing added
+    sheet = tmp_path / "sheet" / "revision_purpose.csv"
+    sheet.parent.mkdir()
+    shutil.copy(ARG_CSV, sheet)
+    before = _snapshot(sheet.parent)
+    with pytest.raises(ConversionError, match=r"revision_purpose\.csv is the source"):
+        convert_argrevision(sheet, sheet)
+    with pytest.raises(ConversionError, match=r"sheet holds the source .*revision_purpose\.csv"):
+        convert_argrevision(sheet, sheet.parent, force=True)
+    assert _snapshot(sheet.parent) == before
+
+
+def test_convert_keeps_unrelated_files_or_moves_them_aside_with_force(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.txt").write_text("my own notes\n")
+    (out / "old").mkdir()
+    (out / "old" / "run.log").write_text("log\n")
+    before = _snapshot(out)
+    with pytest.raises(ConversionError, match=r"^.*out holds files irtuning did not write \(README\.txt, old\); give "
+                       r"an empty or new folder, or use --force"):
+        convert_iterater(ITERATER, out)
+    assert _snapshot(out) == before
+    src_before = _snapshot(ITERATER)
+    manifest = convert_iterater(ITERATER, out, force=True)
+    moved = manifest["moved_aside"]
+    assert set(moved) == {str(out / "README.txt"), str(out / "old")}
+    aside = Path(moved[str(out / "README.txt")]).parent
+    assert _snapshot(aside) == before  # contents intact
+    assert "moved_aside" not in json.loads((out / "manifest.json").read_text())
+    assert _snapshot(ITERATER) == src_before
+    assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.json", "test.jsonl", "train.jsonl",
+                                                             "val.jsonl", aside.name])
+
+
+def test_convert_refuses_a_file_at_out_and_overwrites_its_own_output(tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_text("precious\n")
+    with pytest.raises(ConversionError, match=r"out\.jsonl is a file, not a folder"):
+        convert_argrevision(ARG_CSV, out, force=True)
+    assert out.read_text() == "precious\n"
+    folder = tmp_path / "folder"
+    first = convert_argrevision(ARG_CSV, folder)
+    second = convert_argrevision(ARG_CSV, folder, seed=5)  # our own earlier output: replaced
+    assert "moved_aside" not in second and second["outputs"] != first["outputs"]
+    assert json.loads((folder / "manifest.json").read_text()) == second
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "test.jsonl", "train.jsonl", "val.jsonl"]
+
+
+def test_non_utf8_input_names_the_file_and_line(tmp_path):
+    src = _copy_iterater(tmp_path)
+    lines = (src / "dev.json").read_bytes().splitlines(keepends=True)
+    lines[2] = lines[2].replace(b"collected", "collect\u00e8d".encode("latin-1"))
+    assert b"\xe8" in lines[2]
+    (src / "dev.json").write_bytes(b"".join(lines))
+    with pytest.raises(ConversionError, match=r"^dev\.json line 3: not UTF-8 \(byte 0xe8 at offset \d+\); save "):
+        convert_iterater(src, tmp_path / "out")
+    csv_path = tmp_path / "latin1.csv"
+    rows = _arg_rows()
+    rows[4][0] = "caf\u00e9"
+    with open(csv_path, "w", newline="", encoding="latin-1") as fh:
+        csv.writer(fh).writerows(rows)
+    with pytest.raises(ConversionError, match=r"^latin1\.csv line 5: not UTF-8"):
+        convert_argrevision(csv_path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def _xlsx_with(tmp_path: Path, member: str, data: bytes | None) -> Path:
+    """The fixture sheet as .xlsx with one zip member replaced (``None``: left out)."""
+    import zipfile
+
+    good = tmp_path / "good.xlsx"
+    write_simple_xlsx(good, _arg_rows())
+    bad = tmp_path / "revision_purpose.xlsx"
+    with zipfile.ZipFile(good) as zin, zipfile.ZipFile(bad, "w") as zout:
+        for info in zin.infolist():
+            if info.filename != member:
+                zout.writestr(info, zin.read(info))
+            elif data is not None:
+                zout.writestr(info, data)
+    return bad
+
+
+def test_corrupt_xlsx_sheet_names_the_file_and_the_sheet(tmp_path):
+    sheet = "xl/worksheets/sheet1.xml"
+    bad = _xlsx_with(tmp_path, sheet, b'<?xml version="1.0"?><worksheet><sheetData><row r="1"><c')
+    with pytest.raises(ConversionError, match=r"^revision_purpose\.xlsx: sheet 'Sheet1' \(xl/worksheets/sheet1\.xml\) "
+                       r"is not valid XML \(line 1, column \d+\)"):
+        convert_argrevision(bad, tmp_path / "out")
+    bad = _xlsx_with(tmp_path, sheet, None)
+    with pytest.raises(ConversionError, match=r"^revision_purpose\.xlsx: sheet 'Sheet1' \(xl/worksheets/sheet1\.xml\) "
+                       r"is missing from the workbook"):
+        convert_argrevision(bad, tmp_path / "out")
+    bad = _xlsx_with(tmp_path, "xl/workbook.xml", b"<workbook><sheets>")
+    with pytest.raises(ConversionError, match=r"^revision_purpose\.xlsx: the workbook part \(xl/workbook\.xml\) is not "
+                       r"valid XML"):
+        convert_argrevision(bad, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_iterater_duplicates_dropped_and_counted(tmp_path):
+    src = _copy_iterater(tmp_path)
+    train = (src / "train.json").read_text().splitlines()
+    first = json.loads(train[0])
+    assert first["labels"] != "others"
+    (src / "train.json").write_text("\n".join([*train, train[0]]) + "\n")  # the same row twice in train
+    relabelled = {**first, "labels": "style" if first["labels"] != "style" else "clarity"}
+    dev = (src / "dev.json").read_text().splitlines()
+    (src / "dev.json").write_text("\n".join([*dev, json.dumps(relabelled)]) + "\n")  # train's input, other label
+    test = (src / "test.json").read_text().splitlines()
+    (src / "test.json").write_text("\n".join([train[0], *test]) + "\n")  # a train example in test
+    manifest = convert_iterater(src, tmp_path / "out")
+    assert manifest["dropped"]["train"] == {"duplicate": 1, "others": 1}
+    assert manifest["dropped"]["val"] == {"duplicate_of_train": 1, "others": 1}
+    assert manifest["dropped"]["test"] == {"duplicate_of_train": 1}
+    inputs = {s: [(r["original"], r["revised"]) for r in _lines(tmp_path / "out" / f"{s}.jsonl")]
+              for s in ("train", "val", "test")}
+    assert inputs["train"].count((first["before_sent"], first["after_sent"])) == 1
+    assert not set(inputs["train"]) & (set(inputs["val"]) | set(inputs["test"]))
+    assert manifest["counts"]["test"]["total"] == len(test)
+    ids = [r["id"] for r in _lines(tmp_path / "out" / "test.jsonl")]
+    assert ids == [f"iterater-test-{i:05d}" for i in range(len(test))]  # numbered without gaps
+
+
+def test_argrevision_duplicates_never_cross_splits(tmp_path):
+    rows = _arg_rows()
+    data = [r for r in rows[1:] if r[2] != "claim"]
+    dup = tmp_path / "dup.csv"
+    with open(dup, "w", newline="") as fh:
+        csv.writer(fh).writerows([rows[0], *rows[1:], *data, *data])  # every kept row three times
+    manifest = convert_argrevision(dup, tmp_path / "out")
+    recs = {s: _lines(tmp_path / "out" / f"{s}.jsonl") for s in ("train", "val", "test")}
+    seen: set = set()
+    for split in ("train", "val", "test"):
+        keys = [(r["original"], r["revised"]) for r in recs[split]]
+        assert len(keys) == len(set(keys)) and not set(keys) & seen, split
+        seen |= set(keys)
+    assert len(seen) == len(data)  # each distinct example kept exactly once
+    dropped = sum(n for s in ("train", "val", "test") for lab, n in manifest["dropped"][s].items()
+                  if lab.startswith("duplicate"))
+    assert dropped == 2 * len(data)
+    assert "duplicate_of_train" in {lab for s in ("val", "test") for lab in manifest["dropped"][s]}

@@ -56,8 +56,14 @@ def gguf_special_tokens(path: Path) -> dict[str, int]:
 
 
 def _publish(tmp: Path, dest: Path) -> Path:
-    (tmp / _DONE).write_text("ok\n")
-    return publish_folder(tmp, dest)
+    """Swap the built folder in for ``dest``. The marker lists the files we wrote, so a later rebuild
+    deletes only those; ``dest`` holding anything else is refused (``DataFolderError``), nothing deleted."""
+    names = sorted(p.name for p in tmp.iterdir())
+    (tmp / _DONE).write_text("ok\n" + "".join(f"{n}\n" for n in names))
+    earlier: set[str] = set()
+    if (dest / _DONE).is_file() and not (dest / _DONE).is_symlink():
+        earlier = {line.strip() for line in (dest / _DONE).read_text(errors="replace").splitlines()[1:] if line.strip()}
+    return publish_folder(tmp, dest, own=earlier | {_DONE})
 
 
 def _fix_special_tokens(tokenizer, config, generation_config, ids: dict[str, int]) -> None:

@@ -30,7 +30,7 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
-from irtuning_plugin.assets.data_folder import SPLITS, sha256_of, write_data_folder
+from irtuning_plugin.assets.data_folder import SPLITS, check_cache_folder, sha256_of, write_data_folder
 
 LOG = logging.getLogger(__name__)
 
@@ -115,7 +115,9 @@ def _split_sizes(n: int) -> dict[str, int]:
 
 def build_tweet_dataset(out_dir: str | Path, *, seed: int = DEFAULT_SEED, source: str | Path | None = None,
                         cache: str | Path | None = None) -> dict:
-    """Build ``train/val/test.jsonl`` + ``manifest.json`` into ``out_dir`` (replaced whole); return the manifest."""
+    """Build ``train/val/test.jsonl`` + ``manifest.json`` into ``out_dir`` (a cache folder of ours: swapped in
+    whole; one holding anything else is refused before any work, nothing deleted); return the manifest."""
+    check_cache_folder(out_dir)
     if source is None:
         from irtuning_plugin.assets.models import cache_root
 
@@ -171,6 +173,6 @@ def build_tweet_dataset(out_dir: str | Path, *, seed: int = DEFAULT_SEED, source
         "counts": {split: {**{lab: sum(r["label"] == lab for r in records[split]) for lab in LABELS},
                            "total": len(records[split])} for split in SPLITS},
     }
-    out_dir = write_data_folder(out_dir, records, manifest)
+    out_dir = write_data_folder(out_dir, records, manifest, cache=True).path
     LOG.info("tweet-sentiment: %d tweets written to %s", sum(len(v) for v in records.values()), out_dir)
     return manifest

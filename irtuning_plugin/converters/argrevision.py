@@ -15,18 +15,27 @@ Split, as in the reference's ``main.py``: shuffle every row (claim rows included
 ``pandas.DataFrame.sample(frac=1, random_state=seed)``, then ``train_test_split(test_size=0.2,
 random_state=seed)`` and ``train_test_split(test_size=0.5, random_state=seed)`` of the held-out part
 into val and test (seed 171). Both are reproduced here with numpy's ``RandomState``; the test checks
-the result against pandas and scikit-learn where they are installed.
+the result against pandas and scikit-learn where they are installed. After the split, duplicate rows, and
+val/test rows whose sentence pair is already in train (or, for test, in val), are dropped and counted
+(``common.DUPLICATE_RULE``).
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import math
 from pathlib import Path
 
 import numpy as np
 
-from irtuning_plugin.converters.common import ConversionError, ConvertedSplit, make_record, write_converted
+from irtuning_plugin.converters.common import (
+    ConversionError,
+    ConvertedSplit,
+    check_output,
+    read_utf8,
+    write_converted,
+)
 from irtuning_plugin.converters.xlsx import XlsxError, read_first_sheet
 from irtuning_plugin.revision_task import ARGUMENT_PURPOSE
 
@@ -52,8 +61,10 @@ def _read_table(path: Path) -> list[list[str]]:
         except XlsxError as err:
             raise ConversionError(str(err)) from None
     if path.suffix.lower() == ".csv":
-        with open(path, encoding="utf-8-sig", newline="") as fh:
-            return [row for row in csv.reader(fh)]
+        try:
+            return list(csv.reader(io.StringIO(read_utf8(path), newline="")))
+        except csv.Error as err:
+            raise ConversionError(f"{path.name}: not a readable CSV sheet ({err})") from None
     raise ConversionError(f"{path.name}: expected the ArgRevision sheet as .xlsx (revision_purpose.xlsx) or .csv")
 
 
@@ -107,11 +118,17 @@ def reference_split(n: int, seed: int = DEFAULT_SEED) -> dict[str, list[int]]:
             "test": shuffled[temp[test]].tolist()}
 
 
-def convert_argrevision(src: str | Path, out_dir: str | Path, seed: int = DEFAULT_SEED) -> dict:
+def convert_argrevision(src: str | Path, out_dir: str | Path, seed: int = DEFAULT_SEED, *, force: bool = False) -> dict:
+    """Convert the ArgRevision sheet ``src`` into ``out_dir`` with the reference's split; returns the manifest.
+
+    ``force``: move entries of ``out_dir`` we did not write aside (``manifest["moved_aside"]``) instead
+    of refusing. Raises :class:`ConversionError` (one line) for bad input or an unsafe ``out_dir``.
+    """
     path = Path(src).expanduser()
+    check_output(out_dir, path, force)
     rows = read_rows(path)
     positions = reference_split(len(rows), seed)
-    splits = {}
+    splits: dict[str, ConvertedSplit] = {}
     for split, pos in positions.items():
         out = ConvertedSplit()
         for p in pos:
@@ -119,9 +136,9 @@ def convert_argrevision(src: str | Path, out_dir: str | Path, seed: int = DEFAUL
             if label in DROPPED_LABELS:
                 out.drop(label)
                 continue
-            out.records.append(make_record(ARGUMENT_PURPOSE, f"argrevision-{split}-{len(out.records):05d}",
-                                           f"{path.name}:row{no}", LABEL_MAP[label], old, new))
+            out.add(ARGUMENT_PURPOSE, split, "argrevision", f"{path.name}:row{no}", LABEL_MAP[label], old, new,
+                    earlier=dict(splits))
         splits[split] = out
     return write_converted(out_dir, ARGUMENT_PURPOSE, splits, source="ArgRevision revision purposes",
-                           source_files=[path], extra={"split": {"method": "reference (shuffle, 80/10/10)",
+                           source_files=[path], src=path, force=force, extra={"split": {"method": "reference (shuffle, 80/10/10)",
                                                                  "seed": seed}})

@@ -9,7 +9,8 @@ JSON object a line with the keys
 (``IteraTeR_full_sent`` rows also carry ``confidence``; it is accepted and ignored). ``labels`` is one
 of clarity, fluency, coherence, style, meaning-changed, others. As in the reference (IR-Tuning's
 ``get_iterater_data``), rows labelled ``others`` are left out and counted in the manifest; ``dev``
-becomes our ``val``. Published sizes: 3254 / 400 / 364 rows before dropping ``others``.
+becomes our ``val``. Published sizes: 3254 / 400 / 364 rows before dropping ``others``. Duplicate rows,
+and val/test rows whose sentence pair is already in train, are dropped too (``common.DUPLICATE_RULE``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from irtuning_plugin.converters.common import ConversionError, ConvertedSplit, make_record, write_converted
+from irtuning_plugin.converters.common import (
+    ConversionError,
+    ConvertedSplit,
+    check_output,
+    read_utf8,
+    write_converted,
+)
 from irtuning_plugin.revision_task import INTENTION
 
 FILES = {"train": "train.json", "val": "dev.json", "test": "test.json"}
@@ -30,7 +37,7 @@ WHERE = "https://huggingface.co/datasets/wanyu/IteraTeR_human_sent"
 
 def _rows(path: Path) -> list[tuple[int, object]]:
     """(line number, parsed value) of a JSON-lines file; a single JSON array is accepted too."""
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     if text.lstrip().startswith("["):
         try:
             data = json.loads(text)
@@ -77,7 +84,7 @@ def read_iterater(src: str | Path) -> dict[str, ConvertedSplit]:
         if not (root / name).is_file():
             raise ConversionError(f"{root / name} not found; the sentence-level release has "
                                   f"{', '.join(FILES.values())} ({WHERE})")
-    splits = {}
+    splits: dict[str, ConvertedSplit] = {}
     for split, name in FILES.items():
         rows = _rows(root / name)
         if not rows:
@@ -89,16 +96,21 @@ def read_iterater(src: str | Path) -> dict[str, ConvertedSplit]:
                 out.drop(row["labels"])
                 continue
             source_id = f"{row['doc_id']}:{row['revision_depth']}:{name}:{no}"
-            out.records.append(make_record(INTENTION, f"iterater-{split}-{len(out.records):05d}", source_id,
-                                           row["labels"], row["before_sent"], row["after_sent"]))
+            out.add(INTENTION, split, "iterater", source_id, row["labels"], row["before_sent"], row["after_sent"],
+                    earlier=dict(splits))
         splits[split] = out
     return splits
 
 
-def convert_iterater(src: str | Path, out_dir: str | Path) -> dict:
-    """Convert the released sentence-level files in ``src`` into ``out_dir``; returns the manifest."""
+def convert_iterater(src: str | Path, out_dir: str | Path, *, force: bool = False) -> dict:
+    """Convert the released sentence-level files in ``src`` into ``out_dir``; returns the manifest.
+
+    ``force``: move entries of ``out_dir`` we did not write aside (``manifest["moved_aside"]``) instead
+    of refusing. Raises :class:`ConversionError` (one line) for bad input or an unsafe ``out_dir``.
+    """
     root = Path(src).expanduser()
+    check_output(out_dir, root, force)
     splits = read_iterater(root)
     return write_converted(out_dir, INTENTION, splits, source="ITERATER-human sentence level (wanyu/IteraTeR_human_sent)",
-                           source_files=[root / name for name in FILES.values()],
+                           source_files=[root / name for name in FILES.values()], src=root, force=force,
                            extra={"split_from": {s: n for s, n in FILES.items()}})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import zipfile
+import zlib
 from pathlib import Path
 from xml.etree import ElementTree
 
@@ -32,44 +33,71 @@ def _text(node) -> str:
     return "".join(t.text or "" for t in node.iter(f"{{{NS['m']}}}t"))
 
 
-def _first_sheet_path(zf: zipfile.ZipFile) -> str:
-    wb = ElementTree.fromstring(zf.read("xl/workbook.xml"))
+def _part(zf: zipfile.ZipFile, file: str, member: str, what: str):
+    """The parsed XML of one workbook member; missing, damaged or not XML: an XlsxError naming ``what``."""
+    try:
+        data = zf.read(member)
+    except KeyError:
+        raise XlsxError(f"{file}: {what} ({member}) is missing from the workbook; re-save it in Excel or "
+                        f"LibreOffice, or give a .csv of the sheet") from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as err:
+        raise XlsxError(f"{file}: {what} ({member}) is damaged in the archive ({err}); re-save the workbook, or "
+                        f"give a .csv of the sheet") from None
+    try:
+        return ElementTree.fromstring(data)
+    except ElementTree.ParseError as err:
+        line, column = err.position
+        raise XlsxError(f"{file}: {what} ({member}) is not valid XML (line {line}, column {column}); re-save the "
+                        f"workbook, or give a .csv of the sheet") from None
+
+
+def _first_sheet(zf: zipfile.ZipFile, file: str) -> tuple[str, str]:
+    """(name, zip member) of the workbook's first sheet."""
+    wb = _part(zf, file, "xl/workbook.xml", "the workbook part")
     sheet = wb.find("m:sheets/m:sheet", NS)
     if sheet is None:
-        raise XlsxError("the workbook has no sheet")
-    rid = sheet.get(f"{{{NS['r']}}}id")
-    rels = ElementTree.fromstring(zf.read("xl/_rels/workbook.xml.rels"))
+        raise XlsxError(f"{file}: the workbook has no sheet")
+    name, rid = sheet.get("name", "?"), sheet.get(f"{{{NS['r']}}}id")
+    rels = _part(zf, file, "xl/_rels/workbook.xml.rels", "the workbook's relations part")
     for rel in rels.findall("rel:Relationship", NS):
-        if rel.get("Id") == rid:
+        if rel.get("Id") == rid and rel.get("Target"):
             target = rel.get("Target").lstrip("/")
-            return target if target.startswith("xl/") else f"xl/{target}"
-    raise XlsxError(f"sheet relation {rid} not found")
+            return name, target if target.startswith("xl/") else f"xl/{target}"
+    raise XlsxError(f"{file}: sheet {name!r}: its relation {rid} is not in xl/_rels/workbook.xml.rels")
 
 
 def read_first_sheet(path: str | Path) -> list[list[str]]:
     """Rows of the first sheet (row 1 first), each a list of cell strings padded to the widest row."""
+    file = Path(path).name
     try:
         zf = zipfile.ZipFile(path)
     except zipfile.BadZipFile:
-        raise XlsxError(f"{Path(path).name} is not an .xlsx workbook (not a zip archive)") from None
+        raise XlsxError(f"{file} is not an .xlsx workbook (not a zip archive)") from None
     with zf:
-        try:
-            shared = []
-            if "xl/sharedStrings.xml" in zf.namelist():
-                sst = ElementTree.fromstring(zf.read("xl/sharedStrings.xml"))
-                shared = [_text(si) for si in sst.findall("m:si", NS)]
-            sheet = ElementTree.fromstring(zf.read(_first_sheet_path(zf)))
-        except KeyError as err:
-            raise XlsxError(f"{Path(path).name} is not an .xlsx workbook ({err.args[0]} missing)") from None
+        shared = []
+        if "xl/sharedStrings.xml" in zf.namelist():
+            sst = _part(zf, file, "xl/sharedStrings.xml", "the shared strings part")
+            shared = [_text(si) for si in sst.findall("m:si", NS)]
+        name, member = _first_sheet(zf, file)
+        sheet = _part(zf, file, member, f"sheet {name!r}")
+    where = f"{file}: sheet {name!r} ({member})"
     rows: dict[int, dict[int, str]] = {}
     for row in sheet.iter(f"{{{NS['m']}}}row"):
+        try:
+            r = int(row.get("r")) if row.get("r") else len(rows) + 1
+        except ValueError:
+            raise XlsxError(f"{where}: row number {row.get('r')!r} is not a number") from None
         cells: dict[int, str] = {}
         for k, c in enumerate(row.findall("m:c", NS)):
             m = _REF.fullmatch(c.get("r", ""))
             col = _column_index(m.group(1)) if m else k
             kind, v = c.get("t", "n"), c.find("m:v", NS)
             if kind == "s":
-                value = shared[int(v.text)] if v is not None else ""
+                try:
+                    value = shared[int(v.text)] if v is not None else ""
+                except (TypeError, ValueError, IndexError):
+                    raise XlsxError(f"{where} row {r}: cell {c.get('r', k + 1)} refers to shared string "
+                                    f"{None if v is None else v.text!r}, which the workbook does not have") from None
             elif kind == "inlineStr":
                 node = c.find("m:is", NS)
                 value = _text(node) if node is not None else ""
@@ -78,7 +106,7 @@ def read_first_sheet(path: str | Path) -> list[list[str]]:
             else:
                 value = (v.text or "") if v is not None else ""
             cells[col] = value
-        rows[int(row.get("r")) if row.get("r") else len(rows) + 1] = cells
+        rows[r] = cells
     if not rows:
         return []
     width = max((max(c) + 1 for c in rows.values() if c), default=0)

