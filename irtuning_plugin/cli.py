@@ -24,6 +24,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+from irtuning_plugin.user_input import (
+    NUMPY_SEED_MAX,
+    TRACEBACK_ENV,
+    UserInputError,
+    existing_dir,
+    full_traceback_wanted,
+    int_at_least,
+    model_location,
+    positive_float,
+    read_jsonl,
+    read_text,
+    read_yaml_mapping,
+    user_error_message,
+)
+
 LOG = logging.getLogger("irtuning")
 
 REPO_RECIPES = Path(__file__).resolve().parent.parent / "yaml_recipes"
@@ -63,11 +78,14 @@ def _evaluate(model_path: str, adapter: str | None, split: str, limit: int | Non
 
 
 def _cmd_eval(args) -> int:
-    from irtuning_plugin.assets.references import resolve_reference
     from irtuning_plugin.evaluation import format_report, write_report
 
-    res, meta, records = _evaluate(resolve_reference(args.model), args.adapter, args.split, args.limit, args.data,
-                                   full=True)
+    model = model_location(args.model)
+    if args.adapter is not None:
+        existing_dir(args.adapter, "--adapter")
+    if args.data is not None:
+        existing_dir(args.data, "--data")
+    res, meta, records = _evaluate(model, args.adapter, args.split, args.limit, args.data, full=True)
     print(format_report(res, title=f"{meta['setup']} on {meta['task']} {args.split} ({meta['data']})"))
     from irtuning_plugin.seq_classification import is_seq_cls_output
 
@@ -82,9 +100,14 @@ def _cmd_eval(args) -> int:
 
 
 def summarize_run(output_dir: str | Path) -> dict:
-    out = Path(output_dir)
-    rows = [json.loads(x) for x in open(out / "irtuning_selection.jsonl", encoding="utf-8") if x.strip()]
-    run = json.loads((out / "irtuning_run.json").read_text()) if (out / "irtuning_run.json").exists() else {}
+    out = existing_dir(output_dir, "run folder")
+    log = out / "irtuning_selection.jsonl"
+    if not log.is_file():
+        raise UserInputError(f"{str(output_dir)!r} holds no irtuning_selection.jsonl: not the output_dir of a run "
+                             f"trained with irtuning (or trained with irtuning_selection_log: false)")
+    # event rows (e.g. a resume with a changed configuration) carry no selection
+    rows = [r for r in read_jsonl(log, "selection log") if "n_active" in r]
+    run = _read_run_summary(out / "irtuning_run.json")
     counts = [r["n_active"] for r in rows]
     losses = run.get("losses", [])
     return {
@@ -100,6 +123,18 @@ def summarize_run(output_dir: str | Path) -> dict:
         "selection_log": str(out / "irtuning_selection.jsonl"),
         "heatmap": str(out / "irtuning_selection.png") if (out / "irtuning_selection.png").exists() else None,
     }
+
+
+def _read_run_summary(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        run = json.loads(read_text(path, "run summary"))
+    except ValueError as err:
+        raise UserInputError(f"run summary {str(path)!r} is not valid JSON ({err}); it is truncated or corrupt") from None
+    if not isinstance(run, dict):
+        raise UserInputError(f"run summary {str(path)!r} is not a JSON object")
+    return run
 
 
 def _print_summary(s: dict) -> None:
@@ -127,25 +162,32 @@ def demo_train_command(recipe, launcher: str, max_steps: int | None = None) -> l
     spelling (``--max_steps=N``) is taken as an extra launcher argument, which ``--launcher python`` drops
     without a word, and the recipe's own max_steps would run."""
     cmd = _axolotl_command() + ["train", str(recipe), "--launcher", launcher]
-    if max_steps:
+    if max_steps is not None:
+        if max_steps < 1:
+            raise UserInputError(f"--max-steps={max_steps}; allowed: a whole number >= 1 (leave it out to train the "
+                                 f"recipe's own max_steps)")
         cmd += [f"--max-steps={max_steps}"]
     return cmd
 
 
 def _cmd_demo(args) -> int:
-    import yaml
-
     from irtuning_plugin.assets.references import resolve_asset_references
 
     recipe = Path(args.recipe)
-    cfg = yaml.safe_load(recipe.read_text())
+    cfg = read_yaml_mapping(recipe)
+    datasets = cfg.get("datasets")
+    if not isinstance(cfg.get("base_model"), str) or not (
+            isinstance(datasets, list) and datasets and isinstance(datasets[0], dict)
+            and isinstance(datasets[0].get("path"), str)):
+        raise UserInputError(f"recipe {str(recipe)!r}: the demo needs base_model and datasets[0].path (a JSONL file "
+                             f"in a data folder with test.jsonl beside it)")
+    cmd = demo_train_command(recipe, args.launcher, args.max_steps)  # refuses a bad --max-steps before any work
     resolve_asset_references(cfg)  # builds the model and data on first use
     output_dir = Path(cfg.get("output_dir", "./outputs/demo"))
     data_dir = str(Path(cfg["datasets"][0]["path"]).parent)
     before = _evaluate(cfg["base_model"], None, "test", args.eval_limit, data_dir)
     print(f"before training: accuracy {before.accuracy:.3f}, macro-F1 {before.macro_f1:.3f} (n={before.n})",
           flush=True)
-    cmd = demo_train_command(recipe, args.launcher, args.max_steps)
     env = {**os.environ, **AXOLOTL_ENV, "PYTHONSAFEPATH": "1",
            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
     print("running: " + " ".join(cmd), flush=True)
@@ -183,7 +225,7 @@ def demo_table(before, after) -> str:
 def _cmd_train_seqcls(args) -> int:
     import yaml
 
-    from irtuning_plugin.assets.references import resolve_reference, revision_data_dir
+    from irtuning_plugin.assets.references import revision_data_dir
     from irtuning_plugin.config import config_from_flat
     from irtuning_plugin.seq_classification import SeqClsSettings, train_seq_cls
 
@@ -191,22 +233,23 @@ def _cmd_train_seqcls(args) -> int:
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep or not key.startswith("irtuning_"):
-            print(f"irtuning train-seqcls: --set {item!r}; expected irtuning_KEY=VALUE", file=sys.stderr)
-            return 2
-        flat[key] = yaml.safe_load(value)
-    from irtuning_plugin.strategies import StrategyConfigError
-
-    try:
-        selection = config_from_flat(flat)
-    except StrategyConfigError as err:
-        print(f"irtuning train-seqcls: {err}", file=sys.stderr)
-        return 2
+            raise UserInputError(f"--set {item!r}; expected irtuning_KEY=VALUE")
+        try:
+            flat[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UserInputError(f"--set {item!r}: the value is not valid YAML") from None
+    selection = config_from_flat(flat)
+    model = model_location(args.model)
+    if args.data is not None:
+        existing_dir(args.data, "--data")
+    if Path(args.output).expanduser().exists() and not Path(args.output).expanduser().is_dir():
+        raise UserInputError(f"--output {args.output!r} is a file; give a folder")
     training = {k: v for k, v in (("max_steps", args.max_steps), ("num_train_epochs", args.epochs),
                                   ("per_device_train_batch_size", args.batch_size), ("learning_rate", args.lr),
                                   ("warmup_steps", args.warmup_steps), ("seed", args.seed)) if v is not None}
     import torch
 
-    res = train_seq_cls(resolve_reference(args.model), args.data or revision_data_dir(), args.output,
+    res = train_seq_cls(model, args.data or revision_data_dir(), args.output,
                         selection=selection, settings=SeqClsSettings(full_finetune=args.full), training=training,
                         dtype=getattr(torch, args.dtype))
     print(f"trained {res['steps']} steps, training loss {res['train_loss']:.4f}; saved to {res['output_dir']}")
@@ -217,11 +260,12 @@ def _cmd_convert(args) -> int:
     from irtuning_plugin.converters import CONVERTERS, ConversionError
 
     kwargs = {"seed": args.seed} if args.dataset == "argrevision" else {}
+    if not Path(args.src).expanduser().exists():
+        raise UserInputError(f"source {args.src!r} not found")
     try:
         manifest = CONVERTERS[args.dataset](args.src, args.out, **kwargs)
     except ConversionError as err:
-        print(f"irtuning convert: {err}", file=sys.stderr)
-        return 2
+        raise UserInputError(str(err)) from None
     for split, counts in manifest["counts"].items():
         per_label = ", ".join(f"{lab} {n}" for lab, n in counts.items() if lab != "total")
         dropped = ", ".join(f"{lab} {n}" for lab, n in manifest["dropped"][split].items()) or "none"
@@ -253,10 +297,15 @@ def _cmd_keys(args) -> int:
     table = keys_table()
     if args.write_readme:
         path = Path(args.write_readme)
-        text = path.read_text()
+        text = read_text(path, "--write-readme file")
+        if text.count(KEYS_START) != 1 or text.count(KEYS_END) != 1 or text.index(KEYS_START) > text.index(KEYS_END):
+            raise UserInputError(f"--write-readme {str(path)!r} must hold the markers {KEYS_START} and {KEYS_END} "
+                                 f"once each, in that order; the file is left as it was")
         head, rest = text.split(KEYS_START, 1)
         _, tail = rest.split(KEYS_END, 1)
-        path.write_text(f"{head}{KEYS_START}\n{table}\n{KEYS_END}{tail}")
+        tmp = path.with_name(f".{path.name}.irtuning-tmp")
+        tmp.write_text(f"{head}{KEYS_START}\n{table}\n{KEYS_END}{tail}", encoding="utf-8")
+        os.replace(tmp, path)
     else:
         print(table)
     return 0
@@ -265,16 +314,13 @@ def _cmd_keys(args) -> int:
 def _cmd_llamafactory(args) -> int:
     from irtuning_plugin.llamafactory_integration import launcher
 
-    try:
-        cfg = launcher.load_recipe(args.recipe, args.overrides)
-        if args.action == "check":
-            config = launcher.check_recipe(launcher.resolve_recipe(cfg))
-            print(f"{args.recipe}: ok (irtuning_strategy {config.strategy}, scope {config.scope})")
-            return 0
-        launcher.check_recipe(cfg, meta_model=False)  # our keys before any asset is built
-    except ValueError as err:  # our configuration errors: one line, naming the key
-        print(f"irtuning llamafactory: error: {err}", file=sys.stderr)
-        return 2
+    cfg = launcher.load_recipe(args.recipe, args.overrides)
+    if args.action == "check":
+        config = launcher.check_recipe(launcher.resolve_recipe(cfg), parse_with_llamafactory=True)
+        print(f"{args.recipe}: ok (irtuning_strategy {config.strategy}, scope {config.scope}); LLaMA-Factory's own "
+              f"argument checks passed too")
+        return 0
+    launcher.check_recipe(cfg, meta_model=False)  # our keys before any asset is built
     callback = launcher.train(cfg)
     if callback.engine is not None and callback.rows:
         out = callback.trainer.args.output_dir if callback.trainer is not None else None
@@ -284,11 +330,9 @@ def _cmd_llamafactory(args) -> int:
 
 
 def _cmd_check(args) -> int:
-    import yaml
-
     from irtuning_plugin.axolotl_integration.args import plugin_listed, unlisted_plugin_message
 
-    cfg = yaml.safe_load(Path(args.recipe).read_text(encoding="utf-8")) or {}
+    cfg = read_yaml_mapping(args.recipe)
     problem = unlisted_plugin_message(cfg)
     if problem:
         print(f"irtuning check: {problem}", file=sys.stderr)
@@ -316,16 +360,23 @@ def _cmd_check(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, like every other error of the command line."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="irtuning", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = _Parser(prog="irtuning", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     sp = sub.add_parser("prepare", help="build the built-in model(s) and data set")
     sp.add_argument("--tiny", action="store_true", help="also the tiny test model")
     sp.set_defaults(func=_cmd_prepare)
     sp = sub.add_parser("demo", help="run the demo: eval, axolotl train, eval, summary")
     sp.add_argument("--recipe", default=str(DEMO_RECIPE))
-    sp.add_argument("--max-steps", type=int, default=None, help="override the recipe's max_steps")
-    sp.add_argument("--eval-limit", type=int, default=200, help="test examples scored before/after")
+    sp.add_argument("--max-steps", type=int_at_least(1), default=None, help="override the recipe's max_steps (>= 1)")
+    sp.add_argument("--eval-limit", type=int_at_least(1), default=200, help="test examples scored before/after")
     sp.add_argument("--launcher", default="python", choices=("python", "accelerate"))
     sp.set_defaults(func=_cmd_demo)
     sp = sub.add_parser("eval", help="accuracy, macro P/R/F1, per-class table, confusion matrix (JSON + PNG)")
@@ -336,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--split", default="test", choices=("train", "val", "test"))
     sp.add_argument("--data", default=None, help="data folder: built-in or `irtuning convert` output (default: the "
                     "built-in data set)")
-    sp.add_argument("--limit", type=int, default=None)
+    sp.add_argument("--limit", type=int_at_least(1), default=None, help="score only the first N examples")
     sp.add_argument("--report-dir", default=None, help="where eval.json and confusion.png go (default: "
                     "ADAPTER/eval-SPLIT, MODEL/eval-SPLIT for a local model, else ./eval-SPLIT)")
     sp.add_argument("--json", default=None, help="also copy eval.json here")
@@ -346,7 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("src", help="iterater: the folder with train.json, dev.json, test.json; "
                     "argrevision: revision_purpose.xlsx (or a .csv of it)")
     sp.add_argument("out", help="output folder (replaced): train/val/test.jsonl + manifest.json")
-    sp.add_argument("--seed", type=int, default=171, help="argrevision: seed of the reference's 80/10/10 split")
+    sp.add_argument("--seed", type=int_at_least(0, NUMPY_SEED_MAX), default=171,
+                    help="argrevision: seed of the reference's 80/10/10 split")
     sp.set_defaults(func=_cmd_convert)
     sp = sub.add_parser("train-seqcls", help="the paper's classifier setup: last-token head + LoRA on a plain Trainer")
     sp.add_argument("--model", required=True, help="base model folder, hub id or irtuning:// reference")
@@ -355,12 +407,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--strategy", default="ir", help="irtuning_strategy")
     sp.add_argument("--set", action="append", default=[], metavar="irtuning_KEY=VALUE", help="any irtuning_* key")
     sp.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA (irtuning_scope: full)")
-    sp.add_argument("--max-steps", type=int, default=None)
-    sp.add_argument("--epochs", type=float, default=None, help="default 4 (the paper)")
-    sp.add_argument("--batch-size", type=int, default=None, help="default 16 (the paper)")
-    sp.add_argument("--lr", type=float, default=None, help="default 2e-4 (the paper)")
-    sp.add_argument("--warmup-steps", type=int, default=None, help="default 100 (the paper)")
-    sp.add_argument("--seed", type=int, default=None, help="default 171 (the paper)")
+    sp.add_argument("--max-steps", type=int_at_least(1), default=None)
+    sp.add_argument("--epochs", type=positive_float, default=None, help="default 4 (the paper)")
+    sp.add_argument("--batch-size", type=int_at_least(1), default=None, help="default 16 (the paper)")
+    sp.add_argument("--lr", type=positive_float, default=None, help="default 2e-4 (the paper)")
+    sp.add_argument("--warmup-steps", type=int_at_least(0), default=None, help="default 100 (the paper)")
+    sp.add_argument("--seed", type=int_at_least(0, NUMPY_SEED_MAX), default=None, help="default 171 (the paper)")
     sp.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                     help="weights' dtype (bfloat16 for 7-8B models on a GPU)")
     sp.set_defaults(func=_cmd_train_seqcls)
@@ -387,10 +439,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A user error (a missing path, bad YAML or encoding, a refused setting) prints one
+    line naming it and returns 2; IRTUNING_FULL_TRACEBACK=1 raises it with its traceback instead."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except Exception as exc:  # noqa: BLE001 - sorted into user errors (one line) and bugs (traceback) below
+        message = user_error_message(exc)
+        if message is None or full_traceback_wanted():
+            raise
+        print(f"irtuning {args.command}: error: {message} (set {TRACEBACK_ENV}=1 for the traceback)",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -94,3 +94,39 @@ def test_cli_check_accepts_a_recipe():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "ok (irtuning_strategy ir, scope adapter)" in proc.stdout
+
+
+def _one_error_line(proc) -> str:
+    lines = [x for x in proc.stderr.splitlines() if x.strip() and not x.startswith(("INFO ", "WARNING "))]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+def test_cli_check_runs_llamafactorys_own_parsing():
+    """`check` ok must mean `train` will not refuse: a key LLaMA-Factory does not know is refused by check too
+    (before, check said ok and train stopped in HfArgumentParser)."""
+    proc = subprocess.run([IRTUNING, "llamafactory", "check", str(IR_RECIPE), "model_name_or_path=irtuning://tiny-llama",
+                           "not_a_llamafactory_key=1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    line = _one_error_line(proc)
+    assert "LLaMA-Factory refuses the recipe" in line and "not_a_llamafactory_key" in line
+
+
+def test_cli_train_with_a_missing_recipe_is_one_line(tmp_path):
+    proc = subprocess.run([IRTUNING, "llamafactory", "train", str(tmp_path / "nope.yaml")], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "nope.yaml" in _one_error_line(proc) and "not found" in _one_error_line(proc)
+
+
+def test_cli_train_with_a_layer_count_error_is_one_line(tmp_path):
+    """The count is checked against the real model only once the asset is resolved, inside `train`: that used
+    to end in a traceback, while `check` reported the same error in one line."""
+    proc = subprocess.run([IRTUNING, "llamafactory", "train", str(IR_RECIPE), "model_name_or_path=irtuning://tiny-llama",
+                           "irtuning_strategy=lisa", "irtuning_lisa_n_layers=99", f"output_dir={tmp_path / 'out'}"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    line = _one_error_line(proc)
+    assert "irtuning_lisa_n_layers" in line
+    assert not (tmp_path / "out").exists()

@@ -26,7 +26,6 @@ import logging
 import os
 import sys
 import types
-from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import yaml
@@ -34,6 +33,7 @@ import yaml
 from irtuning_plugin.config import PREFIX, SelectionConfig, check_training_setup, config_from_flat
 from irtuning_plugin.layer_map import SCOPES
 from irtuning_plugin.strategies import get_strategy_class
+from irtuning_plugin.user_input import read_yaml_mapping
 
 LOG = logging.getLogger(__name__)
 
@@ -59,14 +59,15 @@ class LlamaFactoryConfigError(ValueError):
 
 def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> dict[str, Any]:
     """The YAML recipe with ``key=value`` overrides (values parsed as YAML), as ``llamafactory-cli train``."""
-    cfg = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    if not isinstance(cfg, dict):
-        raise LlamaFactoryConfigError(f"{path}: a recipe must be a YAML mapping of keys to values")
+    cfg = read_yaml_mapping(path)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise LlamaFactoryConfigError(f"override {item!r}: expected key=value")
-        cfg[key.strip()] = yaml.safe_load(value)
+        try:
+            cfg[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise LlamaFactoryConfigError(f"override {item!r}: the value is not valid YAML") from None
     return cfg
 
 
@@ -74,8 +75,11 @@ def _refuse(message: str) -> None:
     raise LlamaFactoryConfigError(message)
 
 
-def check_recipe(cfg: Mapping[str, Any], *, meta_model: bool = True) -> SelectionConfig:
-    """Our keys first (the Axolotl checks), then the LLaMA-Factory combinations that cannot work."""
+def check_recipe(cfg: Mapping[str, Any], *, meta_model: bool = True,
+                 parse_with_llamafactory: bool = False) -> SelectionConfig:
+    """Our keys first (the Axolotl checks), then the LLaMA-Factory combinations that cannot work; with
+    ``parse_with_llamafactory``, last LLaMA-Factory's own argument parsing and checks (what ``train`` runs
+    first), so that a recipe ``check`` accepts is one ``train`` does not refuse."""
     if cfg.get(PREFIX + "strategy") is None:
         stray = sorted(k for k in cfg if str(k).startswith(PREFIX) and cfg[k] is not None)
         but = f" but {stray[0]} is" if stray else ""
@@ -121,7 +125,24 @@ def check_recipe(cfg: Mapping[str, Any], *, meta_model: bool = True) -> Selectio
         # same check as on Axolotl: the layer list resolves and the options fit its length
         _check_on_meta_model({"base_model": cfg["model_name_or_path"],
                               "trust_remote_code": cfg.get("trust_remote_code")}, config)
+    if parse_with_llamafactory:
+        check_llamafactory_arguments(cfg)
     return config
+
+
+def check_llamafactory_arguments(cfg: Mapping[str, Any]) -> None:
+    """LLaMA-Factory's own parsing of the recipe (unknown keys, its combinations), as ``run_exp`` does it."""
+    stub_missing_torchaudio()
+    try:
+        from llamafactory.hparams import get_train_args
+    except ImportError as err:
+        raise LlamaFactoryConfigError(f"LLaMA-Factory cannot be imported here ({err}), so its own checks of the "
+                                      f"recipe cannot run: pip install 'irtuning[llamafactory]'") from None
+    try:
+        get_train_args(llamafactory_args(cfg))
+    except ValueError as err:  # HfArgumentParser's unknown keys, TrainingArguments' and LLaMA-Factory's checks
+        text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        raise LlamaFactoryConfigError(f"LLaMA-Factory refuses the recipe: {text}") from None
 
 
 def resolve_recipe(cfg: Mapping[str, Any]) -> dict[str, Any]:
