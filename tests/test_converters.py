@@ -179,6 +179,16 @@ def _snapshot(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*"))}
 
 
+def test_every_converter_takes_force_as_a_keyword():
+    import inspect
+
+    from irtuning_plugin.converters import CONVERTERS
+
+    for name, fn in CONVERTERS.items():
+        param = inspect.signature(fn).parameters["force"]
+        assert param.kind is inspect.Parameter.KEYWORD_ONLY and param.default is False, name
+
+
 def test_convert_refuses_to_write_into_its_source(tmp_path):
     src = _copy_iterater(tmp_path)
     before = _snapshot(src)

@@ -23,7 +23,7 @@ def _records(tag: str) -> dict[str, list[dict]]:
 
 
 def _manifest(tag: str) -> dict:
-    return {"format_version": 1, "task": "t", "tag": tag}
+    return {"format_version": 1, "task": "t", "labels": ["a"], "counts": {}, "tag": tag}
 
 
 def snapshot(root: Path) -> dict[str, str]:

@@ -11,9 +11,9 @@ Two kinds of destination:
   folder is swapped in whole (renames only, so a reader sees the old folder or the new one), and only
   the old folder's files of ours are deleted. A cache folder holding anything else is refused.
 
-"Ours" in a user folder: ``manifest.json`` is a JSON object with ``format_version`` and ``task``, and each
-split file is a plain file whose sha256 matches the manifest's ``outputs`` (where it records them). A
-split file edited since, or one with no manifest of ours beside it, is the user's.
+"Ours" in a user folder: ``manifest.json`` is a JSON object with ``format_version``, ``task``, ``labels``
+and ``counts``, and each split file is a plain file whose sha256 matches the manifest's ``outputs`` (where
+it records them). A split file edited since, or one with no manifest of ours beside it, is the user's.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def _our_manifest(folder: Path) -> dict | None:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    return data if isinstance(data, dict) and "format_version" in data and "task" in data else None
+    return data if isinstance(data, dict) and {"format_version", "task", "labels", "counts"} <= set(data) else None
 
 
 def _tolerated(path: Path) -> bool:
@@ -129,7 +129,7 @@ def check_output_folder(out_dir: str | Path, *, sources: Iterable[str | Path] = 
     foreign = foreign_entries(out)
     if foreign and not force:
         raise DataFolderError(f"{out} holds files irtuning did not write ({_list(foreign)}); give an empty or new "
-                              f"folder, or use --force (force=True) to move them aside into "
+                              f"folder, or use --force to move them aside into "
                               f"{out}/{MOVED_ASIDE_PREFIX}<time>/ (nothing was written)")
     return foreign
 
