@@ -35,38 +35,9 @@ pytestmark = pytest.mark.benchmark
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 
-LLAMA8B = dict(layers=32, hidden=4096, inter=14336, kv=1024)
+from gpu_proof import ALL7, LLAMA8B, QKVUD, full_shapes, lora_shapes  # noqa: E402 - benchmarks/ is on sys.path
+
 SMOLLM2 = dict(layers=30, hidden=576, inter=1536, kv=192)
-
-
-def _linears(m, names):
-    h, i, kv = m["hidden"], m["inter"], m["kv"]
-    dims = {"q": (h, h), "k": (h, kv), "v": (h, kv), "o": (h, h), "gate": (h, i), "up": (h, i), "down": (i, h)}
-    return [dims[n] for n in names]
-
-
-def lora_shapes(m, r, names):
-    shapes, ids = [], []
-    for layer in range(m["layers"]):
-        for din, dout in _linears(m, names):
-            shapes += [(r, din), (dout, r)]
-            ids += [layer, layer]
-    return shapes, ids
-
-
-def full_shapes(m):
-    shapes, ids = [], []
-    for layer in range(m["layers"]):
-        for din, dout in _linears(m, ["q", "k", "v", "o", "gate", "up", "down"]):
-            shapes.append((dout, din))
-            ids.append(layer)
-        shapes += [(m["hidden"],), (m["hidden"],)]  # the two RMSNorm weights
-        ids += [layer, layer]
-    return shapes, ids
-
-
-QKVUD = ["q", "k", "v", "up", "down"]
-ALL7 = ["q", "k", "v", "o", "gate", "up", "down"]
 CASES = {
     "llama8b-lora-r32-qkvud-fp32": (lambda: lora_shapes(LLAMA8B, 32, QKVUD), torch.float32, False),
     "llama8b-lora-r8-all7-bf16": (lambda: lora_shapes(LLAMA8B, 8, ALL7), torch.bfloat16, False),
