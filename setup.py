@@ -17,7 +17,7 @@ setup(
     packages=find_packages(include=["irtuning_plugin", "irtuning_plugin.*"]) + ["irtuning_kernels"],
     package_dir={"irtuning_kernels": "kernels"},
     include_package_data=True,
-    package_data={"irtuning_plugin": ["recipes/*.yaml"]},
+    package_data={"irtuning_plugin": ["recipes/*.yaml", "planner/architectures/*.json"]},
     install_requires=[
         # Lower bounds = the oldest versions tested (LLaMA-Factory 0.9.5's caps: transformers 5.6.0, peft 0.18.1).
         "torch>=2.4",

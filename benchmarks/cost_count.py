@@ -5,7 +5,7 @@ Per optimizer step (one micro-batch per step):
 
 * forward and backward FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` around the forward and,
   separately, the backward pass (matmuls and attention; elementwise ops count 0, as in torch's
-  counter). torch has no formula for the CPU flash-attention kernels; :func:`_register_cpu_sdpa` adds
+  counter). torch has no formula for the CPU flash-attention kernels; ``irtuning_plugin.planner.counters`` adds
   the same formula torch uses for the CUDA ones.
 * bytes saved for backward: ``torch.autograd.graph.saved_tensors_hooks`` around the forward; each
   storage counts once (a view saved twice holds one storage), storages of parameters and buffers are
@@ -34,78 +34,12 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils import flop_counter
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from irtuning_plugin.planner.counters import SavedBytes, count_forward_backward  # noqa: E402,F401  (shared with irtuning plan)
+
 from strategy_bench import LORA, TARGETS, tokenize_records  # noqa: E402
-
-_aten = torch.ops.aten
-
-
-def _register_cpu_sdpa() -> None:
-    """FLOP formulas for the CPU flash-attention ops (torch registers only the CUDA ones)."""
-    fwd = getattr(_aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    bwd = getattr(_aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
-    reg = flop_counter.flop_registry
-    if fwd is not None and fwd.default not in reg and fwd not in reg:
-        @flop_counter.register_flop_formula(fwd)
-        def _cpu_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-            return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
-    if bwd is not None and bwd.default not in reg and bwd not in reg:
-        @flop_counter.register_flop_formula(bwd)
-        def _cpu_sdpa_bwd(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
-                          **kwargs) -> int:
-            return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
-
-
-_register_cpu_sdpa()
-
-
-def _storage_key(t: torch.Tensor):
-    return t.untyped_storage()._cdata
-
-
-class SavedBytes:
-    """Context manager: bytes of the distinct non-parameter storages saved for backward inside it."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.exclude = {_storage_key(p) for p in model.parameters()} | {_storage_key(b) for b in model.buffers()}
-        self.seen: dict[int, int] = {}
-        self.param_refs = 0
-
-    def _pack(self, t):
-        if isinstance(t, torch.Tensor):
-            key = _storage_key(t)
-            if key in self.exclude:
-                self.param_refs += 1
-            elif key not in self.seen:
-                self.seen[key] = t.untyped_storage().nbytes()
-        return t
-
-    def __enter__(self):
-        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-        self._ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._ctx.__exit__(*exc)
-
-    @property
-    def bytes(self) -> int:
-        return sum(self.seen.values())
-
-
-def count_forward_backward(model: torch.nn.Module, batch: dict) -> dict:
-    """One forward + backward of ``model`` on ``batch``, counted; leaves the gradients in place."""
-    saved = SavedBytes(model)
-    with flop_counter.FlopCounterMode(display=False) as fwd, saved:
-        loss = model(**batch).loss
-    with flop_counter.FlopCounterMode(display=False) as bwd:
-        loss.backward()
-    return {"loss": None if loss.is_meta else loss.item(), "forward_flops": int(fwd.get_total_flops()),
-            "backward_flops": int(bwd.get_total_flops()), "saved_bytes": saved.bytes,
-            "saved_param_refs": saved.param_refs}
 
 
 def resident_bytes(account: dict) -> dict:

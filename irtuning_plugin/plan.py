@@ -1,13 +1,7 @@
-"""``irtuning plan``: what a recipe will cost on a GPU (placeholder; being written)."""
+"""``irtuning plan``: what a recipe will cost on a GPU (the planner lives in ``irtuning_plugin/planner/``)."""
 
 from __future__ import annotations
 
-import argparse
+from irtuning_plugin.planner.command import add_arguments, main
 
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", nargs="?", help="an Axolotl or LLaMA-Factory recipe")
-
-
-def main(args: argparse.Namespace) -> int:
-    raise NotImplementedError("irtuning plan is not written yet")
+__all__ = ["add_arguments", "main"]
