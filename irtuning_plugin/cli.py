@@ -263,13 +263,15 @@ def _cmd_convert(args) -> int:
     if not Path(args.src).expanduser().exists():
         raise UserInputError(f"source {args.src!r} not found")
     try:
-        manifest = CONVERTERS[args.dataset](args.src, args.out, **kwargs)
+        manifest = CONVERTERS[args.dataset](args.src, args.out, force=args.force, **kwargs)
     except ConversionError as err:
         raise UserInputError(str(err)) from None
     for split, counts in manifest["counts"].items():
         per_label = ", ".join(f"{lab} {n}" for lab, n in counts.items() if lab != "total")
         dropped = ", ".join(f"{lab} {n}" for lab, n in manifest["dropped"][split].items()) or "none"
         print(f"{split:5s} {counts['total']:5d} records ({per_label}); dropped: {dropped}")
+    for original, moved in (manifest.get("moved_aside") or {}).items():
+        print(f"moved aside (--force): {original} -> {moved}")
     print(f"wrote {Path(args.out).resolve()} (manifest.json: counts, sha256 of sources and outputs)")
     return 0
 
@@ -396,7 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("dataset", choices=("iterater", "argrevision"))
     sp.add_argument("src", help="iterater: the folder with train.json, dev.json, test.json; "
                     "argrevision: revision_purpose.xlsx (or a .csv of it)")
-    sp.add_argument("out", help="output folder (replaced): train/val/test.jsonl + manifest.json")
+    sp.add_argument("out", help="output folder: a new or empty one, or the output of an earlier convert; only "
+                    "train/val/test.jsonl + manifest.json are written there, and the source is never written")
+    sp.add_argument("--force", action="store_true", help="OUT holds files irtuning did not write: move them aside into "
+                    "OUT/irtuning-moved-aside-TIME/ (printed) instead of refusing")
     sp.add_argument("--seed", type=int_at_least(0, NUMPY_SEED_MAX), default=171,
                     help="argrevision: seed of the reference's 80/10/10 split")
     sp.set_defaults(func=_cmd_convert)

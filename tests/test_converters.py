@@ -341,3 +341,21 @@ def test_argrevision_duplicates_never_cross_splits(tmp_path):
                   if lab.startswith("duplicate"))
     assert dropped == 2 * len(data)
     assert "duplicate_of_train" in {lab for s in ("val", "test") for lab in manifest["dropped"][s]}
+
+
+def test_cli_convert_force_moves_foreign_files_aside_and_says_where(tmp_path, capsys):
+    from irtuning_plugin.cli import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["convert", "iterater", str(ITERATER), str(out)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "holds files irtuning did not write (notes.txt)" in line and "--force" in line
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert main(["convert", "iterater", str(ITERATER), str(out), "--force"]) == 0
+    printed = capsys.readouterr().out
+    moved = [line for line in printed.splitlines() if line.startswith("moved aside (--force): ")]
+    assert len(moved) == 1 and moved[0].endswith("notes.txt")
+    target = Path(moved[0].split(" -> ")[1])
+    assert target.read_text() == "mine" and target.parent.parent == out.resolve()
