@@ -7,9 +7,11 @@ optimizer state of frozen layers.
 * each parameter's state tensor gets ONE host buffer, allocated the first time it leaves the device
   (pinned where CUDA is available, so copies run as DMA without a host stall) and reused on every later
   trip; host memory is bounded by the optimizer state of the layers that were ever frozen;
-* both directions run on a side stream after it has waited for what the training stream has queued
-  (so a device→host copy reads the moments the last ``optimizer.step()`` wrote); nothing here blocks the
-  host, so the copies of one selection overlap the next forward and backward;
+* each direction runs on its own side stream (PCIe is full duplex), after both have waited for what the
+  training stream has queued (so a device→host copy reads the moments the last ``optimizer.step()``
+  wrote) and for each other's earlier copies (a host buffer is written only after the copy that read it
+  ended, and read only after the copy that wrote it ended); nothing here blocks the host, so the copies of
+  one selection overlap the next forward and backward;
 * host→device copies of the newly selected layers are issued as soon as the set is chosen; a step
   pre-hook on the optimizer makes the training stream wait for them (a stream wait, not a host sync) just
   before ``optimizer.step()`` reads them;
@@ -40,8 +42,11 @@ HOST = torch.device("cpu")
 class NoCopyStreams:
     """The stream/event layer for devices without streams: every call does nothing."""
 
-    def copies(self):
-        """Context in which copies are issued (after the training stream's queued work)."""
+    def prepare(self) -> None:
+        """Order the copies about to be issued after the training stream's queued work and earlier copies."""
+
+    def copies(self, direction: str):
+        """Context in which the copies of one direction ("d2h" or "h2d") are issued."""
         return contextlib.nullcontext()
 
     def record(self) -> Any:
@@ -60,31 +65,45 @@ class NoCopyStreams:
 
 
 class CudaCopyStreams(NoCopyStreams):
-    """A side stream per device for the copies, and CUDA events to order the training stream after them."""
+    """Two side streams per device (one per direction) for the copies, and CUDA events that order the
+    training stream after them."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.stream = torch.cuda.Stream(device=device)
+        self.streams = {"d2h": torch.cuda.Stream(device=device), "h2d": torch.cuda.Stream(device=device)}
+
+    def prepare(self) -> None:
+        d2h, h2d = self.streams["d2h"], self.streams["h2d"]
+        h2d.wait_stream(d2h)  # earlier device→host copies wrote host buffers the new host→device ones read
+        d2h.wait_stream(h2d)  # earlier host→device copies read host buffers the new device→host ones write
+        main = torch.cuda.current_stream(self.device)
+        d2h.wait_stream(main)
+        h2d.wait_stream(main)
 
     @contextlib.contextmanager
-    def copies(self):
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.stream):
+    def copies(self, direction: str):
+        with torch.cuda.stream(self.streams[direction]):
             yield
 
     def record(self) -> Any:
-        event = torch.cuda.Event()
-        event.record(self.stream)
-        return event
+        events = []
+        for stream in self.streams.values():
+            event = torch.cuda.Event()
+            event.record(stream)
+            events.append(event)
+        return events
 
     def wait(self, event: Any) -> None:
-        torch.cuda.current_stream(self.device).wait_event(event)
+        main = torch.cuda.current_stream(self.device)
+        for e in event:
+            main.wait_event(e)
 
     def query(self, event: Any) -> bool:
-        return event.query()
+        return all(e.query() for e in event)
 
     def synchronize(self, event: Any) -> None:
-        event.synchronize()
+        for e in event:
+            e.synchronize()
 
 
 def default_streams(device: torch.device) -> NoCopyStreams:
@@ -170,13 +189,15 @@ class OptimizerStateOffload:
             # waits for that stream below, so no queued kernel still uses their memory when the copies land.
             dests = [torch.empty_like(v, device=p.device) for p, _, v in h2d.get(device, [])]
             sources = []
-            with streams.copies():
+            streams.prepare()
+            with streams.copies("d2h"):
                 for p, key, value in d2h.get(device, []):
                     buf = self._host_buffer(p, key, value)
                     buf.copy_(value, non_blocking=True)
                     state[p][key] = buf
                     sources.append(value)
                     d2h_bytes += value.numel() * value.element_size()
+            with streams.copies("h2d"):
                 for dest, (p, key, value) in zip(dests, h2d.get(device, []), strict=True):
                     dest.copy_(value, non_blocking=True)
                     state[p][key] = dest

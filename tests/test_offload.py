@@ -34,12 +34,15 @@ class FakeStreams(NoCopyStreams):
     def __init__(self, log):
         self.log, self.events = log, []
 
-    def copies(self):
+    def prepare(self):
+        self.log.append("prepare")
+
+    def copies(self, direction):
         log = self.log
 
         class Ctx:
             def __enter__(self):
-                log.append("copies")
+                log.append(("copies", direction))
 
             def __exit__(self, *exc):
                 log.append("copies_end")
@@ -219,12 +222,13 @@ def test_copies_are_issued_at_selection_and_waited_on_before_the_step():
     post.remove()
     steps = [i for i, x in enumerate(log) if x == "step"]
     assert len(steps) == 6
-    # A selection that moves something issues its copies inside the stream layer's context and records an
-    # event right after; the next optimizer step first makes the training stream wait on that event.
+    # A selection that moves something orders its copies (prepare), issues each direction inside the stream
+    # layer's context and records an event right after; the next optimizer step first makes the training
+    # stream wait on that event.
     pending = None
     for i, x in enumerate(log):
         if isinstance(x, tuple) and x[0] == "record":
-            assert log[i - 2:i] == ["copies", "copies_end"]
+            assert log[i - 5:i] == ["prepare", ("copies", "d2h"), "copies_end", ("copies", "h2d"), "copies_end"]
             pending = x[1]
         elif isinstance(x, tuple) and x[0] == "wait":
             assert x[1] == pending and log[i + 1] == "step"
@@ -236,7 +240,7 @@ def test_copies_are_issued_at_selection_and_waited_on_before_the_step():
             prev_step = max(s for s in steps if s < i)
             moved = rows[steps.index(prev_step)]
             if moved["offload_d2h_bytes"] or moved["offload_h2d_bytes"]:
-                assert log[prev_step + 1] == "copies" and pending is not None
+                assert log[prev_step + 1] == "prepare" and pending is not None
     assert sum(1 for x in log if isinstance(x, tuple) and x[0] == "wait") >= 4
 
 
