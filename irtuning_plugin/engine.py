@@ -67,7 +67,7 @@ def _dist_world():
 
 
 class LayerSelectionEngine:
-    def __init__(self, model: nn.Module, config: SelectionConfig, *, seed: int = 0,
+    def __init__(self, model: nn.Module, config: SelectionConfig, *, seed: int | None = None,
                  layer_map: LayerMap | None = None):
         self.config = config.check()
         self.model = model
@@ -77,7 +77,10 @@ class LayerSelectionEngine:
         cls = get_strategy_class(config.strategy)
         self.strategy = floored_strategy(cls, config.build_options(), L, config.depth_floor,
                                          f"{PREFIX}{config.strategy}_")
-        self.seed = int(seed)
+        # seed: the caller's (the callback passes irtuning_seed or the training seed), else irtuning_seed, else 0;
+        # with neither given, a restored state's seed is taken rather than compared
+        self._seed_given = seed is not None or config.seed is not None
+        self.seed = int(seed if seed is not None else config.seed if config.seed is not None else 0)
         self.generator = torch.Generator().manual_seed(self.seed)
         # what shapes the choice (saved with the state; a resume compares it with its own)
         self.fingerprint = selection_fingerprint(config, seed=self.seed, layers_path=self.layer_map.layers_path)
@@ -268,6 +271,8 @@ class LayerSelectionEngine:
     def _changed_settings(self, state: dict, where: str) -> dict[str, dict[str, Any]]:
         """Keys of :attr:`fingerprint` whose value differs in ``state``: {key: {"old": ..., "new": ...}}."""
         saved = state.get("fingerprint")
+        if not self._seed_given and isinstance(state.get("seed"), int):  # no seed asked for: the checkpoint's
+            self.seed = self.fingerprint[PREFIX + "seed"] = state["seed"]
         if saved is None:  # a state of version 1: the depth floor is read from the strategy's state
             LOG.warning("irtuning: %s was written by an earlier irtuning that kept no fingerprint of its settings: "
                         "only the strategy, the layer count and the depth floor are compared with this run's",

@@ -48,3 +48,10 @@ def test_seeds_at_the_ends_of_the_range_work(seed):
     engine = LayerSelectionEngine(tiny_peft_llama(), config, seed=config.seed)
     assert engine.seed == seed
     torch.Generator().manual_seed(seed + 1)  # ist derives seed + 1 for its data order
+
+
+def test_engine_takes_irtuning_seed_when_no_seed_is_passed():
+    from irtuning_plugin.engine import LayerSelectionEngine
+
+    assert LayerSelectionEngine(tiny_peft_llama(), SelectionConfig(strategy="random", seed=9)).seed == 9
+    assert LayerSelectionEngine(tiny_peft_llama(), SelectionConfig(strategy="random", seed=9), seed=4).seed == 4
