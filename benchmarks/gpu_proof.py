@@ -27,8 +27,9 @@ timing                CUDA events, warm-up, median/p20/p80 of the kernel, torch.
                       per-layer sum, a per-tensor .norm() loop, torch.compile of the foreach
                       version (LoRA r32 fp32, LoRA r8 bf16, full FT bf16); µs, GB/s, % of HBM
                       bandwidth; host time of one kernel call
-offload               OptimizerStateOffload with ~2 GB of moments: each direction's GB/s, host time     20
-                      to issue, overlap with a matmul workload, bit-identical values, pinned buffers
+offload               OptimizerStateOffload with ~2 GB of moments: first trip (pins the buffers), then     20
+                      each direction's GB/s, both at once, host time to issue, overlap with a matmul
+                      workload, bit-identical values, pinned buffers
 training              a few steps per run: all, ir, lisa, salf, ir+floor on SmolLM2 (LoRA; full FT    230
                       keep/cpu/drop) and a ~1B Llama (ir/all/ir+floor, LoRA and full FT
                       keep/cpu/drop): step time, max_memory_allocated/reserved, offload bytes,
@@ -50,6 +51,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import gc
 import json
 import logging
 import os
@@ -365,21 +367,32 @@ class Proof:
         opt.step()
         before = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
         off = OptimizerStateOffload(opt, always_copy=self.dry)
-        half = n_params // 2
-        a, b = params[:half], params[half:]
-        # copies alone: a out, then a back
-        self.sync()
-        t = time.perf_counter()
-        off.move(to_host=a, to_device=[])
-        issue_s = time.perf_counter() - t
-        off.synchronize()
-        d2h_s = time.perf_counter() - t
-        t = time.perf_counter()
-        off.move(to_host=[], to_device=a)
-        off._before_step(opt, (), {})
-        self.sync()
-        h2d_s = time.perf_counter() - t
+        a, b = params[: n_params // 2], params[n_params // 2:]
+
+        def timed(fn) -> float:
+            self.sync()
+            t = time.perf_counter()
+            fn()
+            off._before_step(opt, (), {})  # the training stream waits, as before optimizer.step()
+            off.synchronize()
+            self.sync()
+            return time.perf_counter() - t
+
+        # first trip of every state tensor: allocates (and pins) the host buffers
+        first_trip_s = timed(lambda: off.move(to_host=params, to_device=[]))
+        timed(lambda: off.move(to_host=[], to_device=params))
         moved = sum(v.numel() * v.element_size() for p in a for k, v in opt.state[p].items() if k != "step")
+        d2h_s = timed(lambda: off.move(to_host=a, to_device=[]))
+        h2d_s = timed(lambda: off.move(to_host=[], to_device=a))
+        timed(lambda: off.move(to_host=a, to_device=[]))
+        self.sync()
+        t = time.perf_counter()
+        off.move(to_host=b, to_device=a)  # both directions at once (full duplex)
+        issue_s = time.perf_counter() - t
+        off._before_step(opt, (), {})
+        off.synchronize()
+        self.sync()
+        copy_s = time.perf_counter() - t
         # compute alone, sized to about the copies' time
         x = torch.randn(2048 if self.cuda else 64, 2048 if self.cuda else 64, device=self.device)
 
@@ -393,30 +406,27 @@ class Proof:
         t = time.perf_counter()
         compute(20)
         self.sync()
-        per_iter = (time.perf_counter() - t) / 20
-        iters = max(2, int((d2h_s + h2d_s) / max(per_iter, 1e-9)))
+        iters = max(2, int(copy_s / max((time.perf_counter() - t) / 20, 1e-9)))
         t = time.perf_counter()
         compute(iters)
         self.sync()
         compute_s = time.perf_counter() - t
-        # both: b goes out while a comes back, compute queued behind the issue on the training stream
-        t = time.perf_counter()
-        off.move(to_host=b, to_device=[])
-        off.move(to_host=[], to_device=b)
-        compute(iters)
-        off._before_step(opt, (), {})
-        self.sync()
-        both_s = time.perf_counter() - t
-        off.synchronize()
-        copy_s = d2h_s + h2d_s
+
+        def both():  # the copies issued, then the training stream's work queued behind them
+            off.move(to_host=a, to_device=b)
+            compute(iters)
+        both_s = timed(both)
         overlap = (copy_s + compute_s - both_s) / min(copy_s, compute_s) if min(copy_s, compute_s) > 0 else None
+        timed(lambda: off.move(to_host=[], to_device=a))
         identical = all(torch.equal(v, opt.state[p][k]) for p, st in zip(params, before, strict=True)
                         for k, v in st.items())
         pinned = all(buf.is_pinned() for buf in off.host_buffers().values()) if self.cuda else None
         off.close()
-        return {"bytes_each_way": moved, "d2h_gb_per_s": moved / d2h_s / 1e9, "h2d_gb_per_s": moved / h2d_s / 1e9,
-                "issue_host_ms": issue_s * 1e3, "copy_s": copy_s, "compute_s": compute_s, "both_s": both_s,
-                "overlap_fraction": overlap, "values_bit_identical": identical, "host_buffers_pinned": pinned,
+        return {"bytes_each_way": moved, "first_trip_gb_per_s": 2 * moved / first_trip_s / 1e9,
+                "d2h_gb_per_s": moved / d2h_s / 1e9, "h2d_gb_per_s": moved / h2d_s / 1e9,
+                "duplex_gb_per_s": 2 * moved / copy_s / 1e9, "issue_host_ms": issue_s * 1e3, "copy_s": copy_s,
+                "compute_s": compute_s, "both_s": both_s, "overlap_fraction": overlap,
+                "values_bit_identical": identical, "host_buffers_pinned": pinned,
                 "host_buffer_bytes": off.host_buffer_bytes()}
 
     # ---- training ----------------------------------------------------------------------------------
@@ -492,6 +502,7 @@ class Proof:
         from irtuning_plugin.engine import LayerSelectionEngine
 
         torch.manual_seed(0)
+        gc.collect()  # the previous run's model and optimizer (engine, hooks and strategy hold cycles)
         if self.cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -548,12 +559,12 @@ class Proof:
         if self.cuda:
             res.update(max_memory_allocated=torch.cuda.max_memory_allocated(),
                        max_memory_reserved=torch.cuda.max_memory_reserved())
-        if mode == "cpu":
-            per_step = [d + h for d, h in zip(res["offload_d2h_bytes"], res["offload_h2d_bytes"], strict=True)]
-            bw = self.results["sections"].get("offload", {})
-            rate = min(bw.get("d2h_gb_per_s") or 0, bw.get("h2d_gb_per_s") or 0) * 1e9
-            if rate:
-                res["offload_copy_s_alone"] = statistics.median(per_step[2:] or per_step) / rate
+        bw = self.results["sections"].get("offload", {})
+        if mode == "cpu" and bw.get("d2h_gb_per_s") and bw.get("h2d_gb_per_s"):
+            # the copies alone (both directions at once): the slower direction at the measured rates
+            alone = [max(d / bw["d2h_gb_per_s"], h / bw["h2d_gb_per_s"]) / 1e9
+                     for d, h in zip(res["offload_d2h_bytes"], res["offload_h2d_bytes"], strict=True)]
+            res["offload_copy_s_alone"] = statistics.median(alone[2:] or alone)
         del model, opt, engine
         return res
 
