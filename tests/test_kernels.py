@@ -334,3 +334,16 @@ def test_triton_rejects_unsupported_dtype_auto_falls_back():
     with pytest.raises(ValueError, match="backend='triton'"):
         layer_grad_norms(t, [0], 1, backend="triton")
     assert layer_grad_norms(t, [0], 1).per_tensor_sq.item() == 3.0
+
+
+@needs_gpu
+def test_cuda_self_check_passes_on_the_compiled_kernel():
+    from irtuning_kernels.dispatch import CheckedLayerGradNorms
+
+    shapes, ids = _llama_lora_shapes(32)
+    g = torch.Generator(device="cuda").manual_seed(3)
+    tensors = [(torch.randn(s, generator=g, device="cuda") * 1e-3).bfloat16() for s in shapes]
+    norms = CheckedLayerGradNorms("auto")
+    for _ in range(3):
+        norms(tensors, ids, 32)
+    assert norms.fallback is None and norms.checks_passed == 1 and norms.kernel_calls == 3
