@@ -439,9 +439,9 @@ def read_selection_log(path: str | os.PathLike) -> list[dict]:
                     continue
                 try:
                     row = json.loads(line)
-                except ValueError as err:
-                    raise SelectionError(f"irtuning: {path} line {number} is not valid JSON ({err}); the selection "
-                                         f"log is truncated or corrupt") from None
+                except json.JSONDecodeError as err:
+                    raise SelectionError(f"irtuning: {path} line {number} is not valid JSON ({err.msg} at column "
+                                         f"{err.colno}); the selection log is truncated or corrupt") from None
                 if not isinstance(row, dict) or isinstance(row.get("step"), bool) or not isinstance(row.get("step"), int):
                     raise SelectionError(f"irtuning: {path} line {number} is not a selection-log row (a JSON object "
                                          f"with an integer step); the selection log is corrupt")
