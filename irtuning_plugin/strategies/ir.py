@@ -242,7 +242,7 @@ class IRStrategy(SelectionStrategy):
             scores = self._weight_norms().tolist()  # the reference recomputes them before every step
         elif not bool(ctx.ever_measured.any()):
             # Nothing measured yet: the reference draws uniform random scores, so step 1 trains a random subset.
-            # (For 'cosine' the reference starts from all-equal similarities and trains no layer in step 1.)
+            # This holds for 'cosine' too: the reference's CosineCallback also starts every score at 1000.
             scores = torch.rand(ctx.num_layers, generator=ctx.generator, dtype=torch.float64).tolist()
         else:
             scores = ctx.scores.tolist()
