@@ -44,7 +44,7 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 
 @dataclass
 class SeqClsSettings:
-    """The reference's settings (ALGORITHMS.md §1) as defaults."""
+    """The reference's settings (ZhexiongLiu/IR-Tuning's classifier set-up) as defaults."""
 
     lora_r: int = 32
     lora_alpha: int = 64
