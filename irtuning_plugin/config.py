@@ -68,8 +68,9 @@ class SelectionConfig:
     resume_allow_changed_config: bool = _opt(
         False, "on a resume, go on although the checkpoint's selection was made with other settings (the changed "
         "keys are warned about, written into the selection log's next row and into irtuning_run.json); by default "
-        "such a resume is refused before training. The strategy, the layer count and the depth floor's "
-        "contract still hold")
+        "such a resume is refused before training. A changed strategy or layer count is refused still; with changed "
+        "strategy options or depth floor the strategy's own state restarts and the next step's layers are chosen "
+        "again, so no layer below the floor trains")
     strategy_options: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> "SelectionConfig":
