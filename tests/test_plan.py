@@ -229,3 +229,19 @@ def test_cli_entry_point_one_line_error():
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("irtuning plan:")]
     assert lines == ["irtuning plan: --seq='x': must be a whole number >= 1"], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_replay_maps_recorded_layers_to_the_target_depth(tmp_path):
+    rec = tmp_path / "irtuning_selection.jsonl"
+    rows = [{"step": 1, "active": [0, 1, 2, 3, 4, 5, 6, 7], "scores": [1.0] * 8},
+            {"step": 2, "active": [6, 7], "scores": [1.0] * 8}]
+    rec.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    rc, out = _plan(["--model", "llama-3.1-8b-instruct", "--batch", "1", "--seq", "64", "--strategy", "ir",
+                     "--selection", str(rec), "--json"])
+    assert rc == 0, out
+    lay = json.loads(out)["rows"][0]["layers"]
+    # 8 recorded layers -> 32: each stands for 4; [6, 7] -> 24..31
+    assert (lay["layers_min"], lay["layers_max"], lay["steps"]) == (8, 32, 2) and "replayed 2 steps" in lay["source"]
+    rec.write_text("{\"step\": 1}\n")
+    rc, out = _plan(["--model", "tiny-llama", "--strategy", "ir", "--selection", str(rec)])
+    assert rc != 0 and "line 1 is not an irtuning_selection.jsonl row" in out

@@ -17,7 +17,6 @@ from irtuning_plugin.planner.selection import SIM_STEPS, PlanInputError, Selecti
 from irtuning_plugin.strategies.base import StrategyConfigError
 
 PRECISIONS = ("bf16", "fp16", "fp32", "mixed")
-COMPARE = ("all", "ir", "ist", "lisa", "salf", "ir+floor")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=PRECISIONS, help="weights: bf16/fp16/fp32, or mixed = fp32 weights "
                         "of the trained model with bf16 compute")
     parser.add_argument("--attention", choices=ATTENTION, help="attention implementation")
+    parser.add_argument("--lora-dropout", help="LoRA dropout (its mask and dropped input are saved for backward)")
+    parser.add_argument("--loss-chunks", help="the loss is computed over this many chunks of the sequence, so its "
+                        "fp32 gradient transient is that much smaller (torchtune's chunked loss: 8; default 1)")
+    parser.add_argument("--adapter-dtype", choices=("fp32", "weights"),
+                        help="LoRA tensors in fp32 (PEFT's default, autocast_adapter_dtype) or in the weights' dtype")
     ck = parser.add_mutually_exclusive_group()
     ck.add_argument("--checkpointing", dest="checkpointing", action="store_true", default=None,
                     help="gradient checkpointing on")
@@ -71,7 +75,7 @@ def _request(args: argparse.Namespace) -> Request:
         req.batch = whole(args.batch, "--batch")
     if args.seq is not None:
         req.seq = whole(args.seq, "--seq")
-    for name in ("scope", "precision", "attention", "checkpointing"):
+    for name in ("scope", "precision", "attention", "checkpointing", "adapter_dtype"):
         if getattr(args, name) is not None:
             setattr(req, name, getattr(args, name))
     if args.lora_r is not None:
@@ -79,6 +83,15 @@ def _request(args: argparse.Namespace) -> Request:
         req.lora_alpha = 2 * req.lora_r
     if args.lora_alpha is not None:
         req.lora_alpha = whole(args.lora_alpha, "--lora-alpha")
+    if args.lora_dropout is not None:
+        try:
+            req.lora_dropout = float(args.lora_dropout)
+        except ValueError:
+            raise PlanInputError(f"--lora-dropout={args.lora_dropout!r}: must be a number in [0, 1)") from None
+        if not 0 <= req.lora_dropout < 1:
+            raise PlanInputError(f"--lora-dropout={args.lora_dropout!r}: must be a number in [0, 1)")
+    if args.loss_chunks is not None:
+        req.loss_chunks = whole(args.loss_chunks, "--loss-chunks")
     if args.lora_targets:
         req.lora_targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
     flat = {}
@@ -105,6 +118,9 @@ def _request(args: argparse.Namespace) -> Request:
             raise PlanInputError(f"{PREFIX}scope={req.selection.scope!r} but the recipe trains "
                                  f"{'LoRA adapters' if req.scope == 'adapter' else 'full layers'} (scope "
                                  f"{req.scope!r}): make them agree")
+    if req.selection is not None and req.selection.label_logits_only:
+        req.notes.append(f"{PREFIX}label_logits_only: counted with logits at every position, an upper bound (the "
+                         f"positions that predict a label depend on the data)")
     if req.attention not in ATTENTION:
         raise PlanInputError(f"attention={req.attention!r}; allowed: {', '.join(ATTENTION)}")
     return req
@@ -114,7 +130,7 @@ def _count_setup(req: Request, scope: str, train_outside: bool) -> CountSetup:
     return CountSetup(config_json=json.dumps(req.config, sort_keys=True), scope=scope, lora_r=req.lora_r,
                       lora_alpha=req.lora_alpha, lora_dropout=req.lora_dropout, lora_targets=tuple(req.lora_targets),
                       weight_dtype="bf16" if req.precision == "mixed" else req.precision, attention=req.attention,
-                      train_outside=train_outside)
+                      train_outside=train_outside, adapter_dtype=req.adapter_dtype)
 
 
 def _selection_config(name: str, scope: str, base: SelectionConfig | None) -> SelectionConfig:
@@ -137,7 +153,7 @@ def _row(req: Request, label: str, scope: str, sel_cfg: SelectionConfig | None, 
     return core.RowSpec(label=label, count=_count_setup(req, scope, train_outside), selection=selection,
                         batch=req.batch, seq=req.seq, num_layers=int(req.config["num_hidden_layers"]),
                         checkpointing=req.checkpointing, frozen_optimizer_state=fos, precision=precision,
-                        notes=list(req.notes))
+                        loss_chunks=req.loss_chunks, notes=list(req.notes))
 
 
 def _all_layers(L: int, why: str) -> Selection:
@@ -149,10 +165,6 @@ def build_rows(req: Request, args: argparse.Namespace) -> list[core.RowSpec]:
     steps = whole(args.steps, "--steps")
     kind = "LoRA" if req.scope == "adapter" else "full"
 
-    def sel_for(cfg: SelectionConfig, use_replay: bool) -> Selection:
-        if use_replay and args.selection:
-            return replay(args.selection, cfg, L)
-        return simulate(cfg, L, steps=steps)
 
     rows = []
     if req.selection is None:
@@ -162,22 +174,34 @@ def build_rows(req: Request, args: argparse.Namespace) -> list[core.RowSpec]:
         s = req.selection
         floor = f"+floor {s.depth_floor}" if s.depth_floor not in (None, 0) else ""
         label = f"recipe: {s.strategy}{floor} {kind}" + (f" ({s.frozen_optimizer_state})" if s.strategy != "all" else "")
-        rows.append(_row(req, label, req.scope, s, sel_for(s, True), s.frozen_optimizer_state))
+        sel = replay(args.selection, s, L) if args.selection else simulate(s, L, steps=steps)
+        rows.append(_row(req, label, req.scope, s, sel, s.frozen_optimizer_state))
     if args.compare:
-        base = req.selection
-        fos = base.frozen_optimizer_state if base is not None else "keep"
-        for name in COMPARE:
-            scope = "full" if name == "lisa" else req.scope
-            k = "LoRA" if scope == "adapter" else "full"
-            if name == "ir+floor":
-                cfg = _selection_config("ir", scope, base)
-                cfg = dataclasses.replace(cfg, depth_floor="salf")
-            else:
-                cfg = _selection_config(name, scope, base)
-            tag = f" ({fos})" if name not in ("all", "salf") else ""
-            rows.append(_row(req, f"{name} {k}{tag}", scope, cfg, sel_for(cfg, False), fos))
-        rows.append(_row(req, "plain LoRA", "adapter", None, _all_layers(L, "every layer trains"), "keep"))
-        rows.append(_row(req, "full fine-tuning", "full", None, _all_layers(L, "every layer trains"), "keep"))
+        rows.extend(compare_rows(req, L, steps))
+    return rows
+
+
+def compare_rows(req: Request, L: int, steps: int, fos_list: tuple[str, ...] | None = None) -> list[core.RowSpec]:
+    """all / ir / ist / salf / ir + depth floor in the recipe's scope, lisa and ir in full fine-tuning (each with
+    the recipe's frozen_optimizer_state, or each of ``fos_list``), plain LoRA and full fine-tuning."""
+    base = req.selection
+    fos_all = fos_list or ((base.frozen_optimizer_state if base is not None else "keep"),)
+    rows = []
+    for name in ("all", "ir", "ist", "salf", "ir+floor", "lisa full", "ir full"):
+        strategy = name.split()[0]
+        scope = "full" if name.endswith(" full") else req.scope
+        k = "LoRA" if scope == "adapter" else "full"
+        if name == "ir full" and req.scope == "full":
+            continue  # the recipe's own scope already gives ir in full fine-tuning
+        cfg = _selection_config("ir" if strategy == "ir+floor" else strategy, scope, base)
+        if strategy == "ir+floor":
+            cfg = dataclasses.replace(cfg, depth_floor="salf")
+        sel = simulate(cfg, L, steps=steps)
+        for fos in (fos_all if strategy not in ("all", "salf") else ("keep",)):
+            tag = f" ({fos})" if strategy not in ("all", "salf") else ""
+            rows.append(_row(req, f"{strategy} {k}{tag}", scope, cfg, sel, fos))
+    rows.append(_row(req, "plain LoRA", "adapter", None, _all_layers(L, "every layer trains"), "keep"))
+    rows.append(_row(req, "full fine-tuning", "full", None, _all_layers(L, "every layer trains"), "keep"))
     return rows
 
 
@@ -220,25 +244,26 @@ def _row_cells(p: core.RowPlan) -> list[str]:
              _gib(p.optimizer_device_bytes) + (f" (+{_gib(p.optimizer_host_bytes)} host)" if p.optimizer_host_bytes else ""),
              _gib(p.activation_bytes), _gib(p.transient_bytes), _gib(p.peak_allocated_bytes),
              _gib(p.peak_reserved_bytes), fits, mb, ratio,
-             f"{p.offload_bytes_per_step_median / 1e9:.2f}/{p.offload_bytes_per_step_max / 1e9:.2f}"]
+             f"{p.offload_bytes_per_step_mean / 1e9:.2f}/{p.offload_bytes_per_step_max / 1e9:.2f}"]
     if p.step_time:
         t = p.step_time
-        cells.append(f"{t['compute_s']:.2f}+{t['offload_s_median']:.2f}" + (" hid" if t["side_stream_hides_offload"]
-                                                                             and t["offload_s_median"] else ""))
+        cells.append(f"{t['compute_s']:.2f}+{t['offload_s_mean']:.2f}" + (" (hideable)" if t["side_stream_hides_offload"]
+                                                                             and t["offload_s_mean"] else ""))
     return cells
 
 
 HEADERS = ["setup", "layers min/med/max", "rule", "lowest", "frozen W", "train W", "grads", "optim",
            "activations", "transient", "peak alloc", "reserved", "fits 24/40/80", "max mb 24/40/80",
-           "bwd FLOPs vs all", "offload GB/step med/max"]
+           "bwd FLOPs vs all", "offload GB/step mean/max"]
 
 
 def render(req: Request, plans: list[core.RowPlan], gpu: str | None, fmt: str) -> str:
-    headers = HEADERS + (["step s (compute+offload)"] if gpu else [])
+    headers = HEADERS + (["step s (compute+offload mean)"] if gpu else [])
     rows = [_row_cells(p) for p in plans]
     head = (f"{req.model_label} ({req.config['num_hidden_layers']} layers) | {req.source} | micro-batch {req.batch} x "
             f"seq {req.seq} | {req.precision} | attention {req.attention} | checkpointing "
-            f"{'on' if req.checkpointing else 'off'} | LoRA r{req.lora_r} on {','.join(req.lora_targets)}")
+            f"{'on' if req.checkpointing else 'off'} | LoRA r{req.lora_r} ({req.adapter_dtype}) on "
+            f"{','.join(req.lora_targets)}")
     notes = list(MODELLED)
     for p in plans:
         notes.append(f"{p.label}: layers {p.strategy_source}; peak in {p.peak_phase}")

@@ -53,6 +53,7 @@ class RowSpec:
     frozen_optimizer_state: str = "keep"  # keep | cpu | drop
     precision: str = "bf16"  # bf16 | fp16 | fp32 | mixed (fp32 weights of the trained model, bf16 compute)
     foreach: bool = True
+    loss_chunks: int = 1  # the loss computed over this many sequence chunks (torchtune's CEWithChunkedOutputLoss: 8)
     notes: list[str] = field(default_factory=list)
 
 
@@ -76,6 +77,7 @@ class RowPlan:
     bwd_flops: int
     bwd_flops_ratio_to_all: float | None
     offload_bytes_per_step_median: int
+    offload_bytes_per_step_mean: int
     offload_bytes_per_step_max: int
     fits: dict
     max_micro_batch: dict
@@ -139,7 +141,7 @@ class Planner:
         steps = [step_count(c, s, train_outside=outside, checkpointing=spec.checkpointing) for s in sel.sets]
         worst = max(range(len(steps)), key=lambda i: steps[i].saved_bytes + steps[i].recompute_bytes)
         w = 2 if spec.count.weight_dtype in ("bf16", "fp16") else 4
-        loss_transient = batch * spec.seq * c.vocab * (4 + (w if w < 4 else 0))
+        loss_transient = batch * spec.seq * c.vocab * (4 + (w if w < 4 else 0)) // spec.loss_chunks
         saved = steps[worst].saved_bytes
         recompute = steps[worst].recompute_bytes
         max_active = max(len(s) for s in sel.sets)
@@ -190,12 +192,11 @@ class Planner:
         if gpu:
             label, tflops, _, pcie = GPUS[gpu]
             compute_s = (fwd + bwd) / (tflops * 1e12 * mfu)
-            med = statistics.median(moves)
-            offload_s = med / (pcie * 1e9)
-            step_time = {"gpu": label, "mfu": mfu, "compute_s": compute_s, "offload_s_median": offload_s,
+            offload_s = statistics.fmean(moves) / (pcie * 1e9)
+            step_time = {"gpu": label, "mfu": mfu, "compute_s": compute_s, "offload_s_mean": offload_s,
                          "offload_s_max": max(moves) / (pcie * 1e9),
                          "step_s_engine_now": compute_s + offload_s,
-                         "side_stream_hides_offload": offload_s <= compute_s,
+                         "side_stream_hides_offload": max(moves) / (pcie * 1e9) <= compute_s,
                          "model": f"modelled: FLOPs at {mfu:.0%} of {tflops:g} TFLOP/s dense bf16, offload at "
                                   f"{pcie:g} GB/s; the engine copies synchronously today, a side-stream copy "
                                   f"overlapping forward+backward would hide it when shorter"}
@@ -208,7 +209,8 @@ class Planner:
             activation_bytes=m["saved"], transient_bytes=m["transient"], peak_allocated_bytes=m["peak"],
             peak_reserved_bytes=m["reserved"], peak_phase=m["phase"], fwd_flops=int(fwd), bwd_flops=int(bwd),
             bwd_flops_ratio_to_all=(bwd / all_bwd_flops) if all_bwd_flops else None,
-            offload_bytes_per_step_median=int(statistics.median(moves)), offload_bytes_per_step_max=int(max(moves)),
+            offload_bytes_per_step_median=int(statistics.median(moves)),
+            offload_bytes_per_step_mean=int(statistics.fmean(moves)), offload_bytes_per_step_max=int(max(moves)),
             fits=fits, max_micro_batch=max_mb, step_time=step_time, notes=list(spec.notes))
 
     def _max_batch(self, spec: RowSpec, budget: float, limit: int = 4096) -> int:

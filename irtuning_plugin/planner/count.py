@@ -114,6 +114,7 @@ class CountSetup:
     weight_dtype: str = "bf16"
     attention: str = "sdpa"
     train_outside: bool = False  # embeddings, final norm and head train (full fine-tuning, lisa)
+    adapter_dtype: str = "fp32"  # fp32: PEFT's autocast_adapter_dtype (its default); weights: the base's dtype
 
     @property
     def config_dict(self) -> dict:
@@ -180,7 +181,8 @@ def build_meta_model(setup: CountSetup, num_layers: int, device: str = "meta"):
 
         model = get_peft_model(model, LoraConfig(r=setup.lora_r, lora_alpha=setup.lora_alpha,
                                                  lora_dropout=setup.lora_dropout,
-                                                 target_modules=list(setup.lora_targets), task_type="CAUSAL_LM"))
+                                                 target_modules=list(setup.lora_targets), task_type="CAUSAL_LM"),
+                               autocast_adapter_dtype=setup.adapter_dtype == "fp32")
     model.train()
     return model
 

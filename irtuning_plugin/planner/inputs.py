@@ -41,6 +41,8 @@ class Request:
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
     precision: str = "bf16"  # bf16 | fp16 | fp32 | mixed
+    loss_chunks: int = 1
+    adapter_dtype: str = "fp32"  # LoRA tensors: fp32 (PEFT's default upcast) or the weights' dtype
     attention: str = "sdpa"
     checkpointing: bool = False
     batch: int = 1
