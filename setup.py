@@ -1,17 +1,22 @@
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
+# The version is written once, in the package.
+VERSION = re.search(r'^__version__ = "([^"]+)"$', (HERE / "irtuning_plugin" / "__init__.py").read_text(encoding="utf-8"),
+                    re.M).group(1)
 
 setup(
     name="irtuning",
-    version="0.1.0",
+    version=VERSION,
     description="IR-Tuning and other layer-selection PEFT strategies for Axolotl, LLaMA-Factory and transformers",
     long_description=(HERE / "README.md").read_text(encoding="utf-8") if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    python_requires=">=3.10",
+    # Tested on 3.11 (Axolotl 0.19, LLaMA-Factory 0.9.5) and 3.12 (Axolotl 0.21); the code needs 3.11.
+    python_requires=">=3.11",
     # The kernels live in kernels/ but install as irtuning_kernels: Axolotl depends on Hugging Face's
     # own top-level `kernels` package, which a top-level kernels/ of ours would shadow.
     packages=find_packages(include=["irtuning_plugin", "irtuning_plugin.*"]) + ["irtuning_kernels"],

@@ -41,8 +41,8 @@ from irtuning_plugin.user_input import (
 
 LOG = logging.getLogger("irtuning")
 
-REPO_RECIPES = Path(__file__).resolve().parent.parent / "yaml_recipes"
-DEMO_RECIPE = REPO_RECIPES / "demo-smollm2-ir.yaml"
+# The demo recipe ships in the package (in a checkout, recipes/ links to yaml_recipes/).
+DEMO_RECIPE = Path(__file__).resolve().parent / "recipes" / "demo-smollm2-ir.yaml"
 AXOLOTL_ENV = {"AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
                "TOKENIZERS_PARALLELISM": "false"}
 
@@ -376,7 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tiny", action="store_true", help="also the tiny test model")
     sp.set_defaults(func=_cmd_prepare)
     sp = sub.add_parser("demo", help="run the demo: eval, axolotl train, eval, summary")
-    sp.add_argument("--recipe", default=str(DEMO_RECIPE))
+    sp.add_argument("--recipe", default=str(DEMO_RECIPE), help="Axolotl recipe (default: the packaged demo recipe, "
+                    "%(default)s)")
     sp.add_argument("--max-steps", type=int_at_least(1), default=None, help="override the recipe's max_steps (>= 1)")
     sp.add_argument("--eval-limit", type=int_at_least(1), default=200, help="test examples scored before/after")
     sp.add_argument("--launcher", default="python", choices=("python", "accelerate"))
@@ -447,7 +448,6 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command. A user error (a missing path, bad YAML or encoding, a refused setting) prints one
     line naming it and returns 2; IRTUNING_FULL_TRACEBACK=1 raises it with its traceback instead."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -1,0 +1,85 @@
+"""The package as a user installs it: a wheel built from the repository, installed into a fresh venv.
+
+The fresh venv gets only the wheel; its dependencies (torch, transformers, Axolotl) are borrowed from the test
+environment's site-packages through a path file, so nothing is downloaded and no editable install (whose
+finder lives in a .pth file that a plain path line does not run) can stand in for the wheel.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+import irtuning_plugin
+
+REPO = Path(__file__).resolve().parent.parent
+# What a source tree needs to build: skip the environments, results and tests.
+SKIP = shutil.ignore_patterns(".git", ".venv*", "build", "*.egg-info", "__pycache__", "outputs", "benchmarks", "tests*",
+                              ".pytest_cache", ".ruff_cache", "last_run_prepared")
+
+
+@pytest.fixture(scope="module")
+def fresh_install(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("wheel")
+    src = tmp / "src"
+    shutil.copytree(REPO, src, ignore=SKIP, symlinks=True)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", str(src), "--no-deps", "-w", str(tmp / "dist")], check=True, timeout=600,
+                   capture_output=True)
+    (wheel,) = (tmp / "dist").glob("irtuning-*.whl")
+    venv = tmp / "fresh"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    subprocess.run([*pip, "--python", str(python), "install", "--no-deps", str(wheel)], check=True, timeout=600,
+                   capture_output=True)
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    (Path(purelib) / "borrowed-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    env = {**os.environ, "PYTHONSAFEPATH": "1", "HF_HUB_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1"}
+    return {"wheel": wheel, "bin": venv / "bin", "purelib": Path(purelib), "env": env, "cwd": tmp}
+
+
+def _run(fresh, *args, timeout=300):
+    return subprocess.run(list(args), capture_output=True, text=True, env=fresh["env"], cwd=fresh["cwd"],
+                          timeout=timeout)
+
+
+def test_wheel_installs_the_package_and_its_data(fresh_install):
+    proc = _run(fresh_install, str(fresh_install["bin"] / "python"), "-c",
+                "import irtuning_plugin, irtuning_kernels; print(irtuning_plugin.__file__); "
+                "print(irtuning_kernels.__file__); print(irtuning_plugin.__version__)")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plugin_file, kernels_file, version = proc.stdout.split()
+    assert Path(plugin_file).is_relative_to(fresh_install["purelib"])  # the wheel's copy, not the checkout
+    assert Path(kernels_file).is_relative_to(fresh_install["purelib"])
+    assert version == irtuning_plugin.__version__ and fresh_install["wheel"].name.startswith(f"irtuning-{version}-")
+    recipe = fresh_install["purelib"] / "irtuning_plugin" / "recipes" / "demo-smollm2-ir.yaml"
+    assert recipe.is_file() and not recipe.is_symlink()
+    assert recipe.read_text() == (REPO / "yaml_recipes" / "demo-smollm2-ir.yaml").read_text()
+    archs = list((fresh_install["purelib"] / "irtuning_plugin" / "planner" / "architectures").glob("*.json"))
+    assert archs, "the planner's architectures are not in the wheel"
+
+
+def test_cli_runs_from_the_wheel(fresh_install):
+    irtuning = str(fresh_install["bin"] / "irtuning")
+    proc = _run(fresh_install, irtuning, "--help")
+    assert proc.returncode == 0 and "irtuning" in proc.stdout, proc.stderr[-2000:]
+    proc = _run(fresh_install, irtuning, "keys")
+    assert proc.returncode == 0 and "| `irtuning_strategy` |" in proc.stdout, proc.stderr[-2000:]
+    proc = _run(fresh_install, irtuning, "demo", "--help")
+    recipe = fresh_install["purelib"] / "irtuning_plugin" / "recipes" / "demo-smollm2-ir.yaml"
+    assert proc.returncode == 0 and str(recipe).replace(" ", "") in proc.stdout.replace("\n", "").replace(" ", "")
+
+
+@pytest.mark.slow
+def test_check_of_the_packaged_demo_recipe_from_the_wheel(fresh_install):
+    recipe = fresh_install["purelib"] / "irtuning_plugin" / "recipes" / "demo-smollm2-ir.yaml"
+    proc = _run(fresh_install, str(fresh_install["bin"] / "irtuning"), "check", str(recipe), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "irtuning check: ok (irtuning_strategy ir, scope adapter)" in proc.stdout
