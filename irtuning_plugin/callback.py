@@ -164,7 +164,8 @@ class LayerSelectionCallback(TrainerCallback):
         return control
 
     # ---- our files: every write is guarded, so a failure never costs the user their training or model ----
-    def _guard(self, path: Path | str, write: Callable[[], Any], step: int | None = None) -> bool:
+    def _guard(self, path: Path | str, write: Callable[[], Any], step: int | None = None,
+               then: str = "training and the framework's own saving go on without it") -> bool:
         """Run ``write``; on any error say so in one loud line naming the file, record it for the run
         summary (``not_written``) and go on. True when it was written."""
         try:
@@ -172,8 +173,7 @@ class LayerSelectionCallback(TrainerCallback):
             return True
         except Exception as err:  # noqa: BLE001 - any failure of ours must not end the user's run
             text = " ".join(f"{type(err).__name__}: {err}".split())
-            LOG.error("irtuning: could not write %s (%s); training and the framework's own saving go on without "
-                      "it", path, text)
+            LOG.error("irtuning: could not write %s (%s); %s", path, text, then)
             entry = {"file": str(path), "error": text}
             if step is not None:
                 entry["step"] = int(step)
@@ -205,12 +205,12 @@ class LayerSelectionCallback(TrainerCallback):
             self._jsonl.write(json.dumps(row) + "\n")
             self._jsonl.flush()
 
-        if not self._guard(self._output_dir / SELECTION_LOG, write, step=row["step"]):
+        if not self._guard(self._output_dir / SELECTION_LOG, write, step=row["step"],
+                           then="training goes on; the log is not written again until train end, when it is "
+                                "rewritten in full from memory"):
             _close_quietly(self._jsonl)
             self._jsonl = None
             self._log_failed = True
-            LOG.error("irtuning: the selection log is not written again until train end, when it is rewritten in "
-                      "full from memory")
 
     def _install_label_logits(self, model) -> None:
         if not self.config.label_logits_only:
