@@ -152,7 +152,7 @@ def run_cell(*, task: str, strategy: str, seed: int, steps: int, eval_every: int
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     train = tokenize_records(tokenizer, load_split(Path(data_dir), "train"), 256)
     val = load_split(Path(data_dir), "val", val_n)
-    test = load_split(Path(data_dir), "test", test_n)
+    test = load_split(Path(data_dir), "test", test_n) if test_n else []  # 0: the test split is not read
 
     set_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -260,6 +260,7 @@ def _env(threads: int) -> dict:
             "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
 
 
+LORA_LR = 1e-3  # the LoRA grids' learning rate
 RECIPE_KEYS = ("steps", "eval_every", "val_n", "test_n", "micro_batch", "lr", "warmup", "model", "scope")
 RECIPE_DEFAULTS = {"scope": "adapter"}  # what a cell written before the key existed was run with
 
@@ -283,6 +284,11 @@ def check_args(a) -> None:
             raise SystemExit(f"--strategies: {e}") from None
     if a.lr_sweep and a.test_n != 0:
         raise SystemExit(f"--lr-sweep chooses on the validation split only: pass --test-n 0 (got {a.test_n})")
+    if a.lr is None:
+        if a.scope == "full" and not a.lr_sweep and not a.report:
+            raise SystemExit("--scope full needs --lr: the rate the --lr-sweep run chose (the LoRA recipe's "
+                             f"{LORA_LR:g} is not a full fine-tuning rate)")
+        a.lr = LORA_LR if a.scope == "adapter" else None
 
 
 def run_grid(a) -> list[Path]:
@@ -304,7 +310,7 @@ def run_grid(a) -> list[Path]:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--cell", "--tasks", task,
                "--strategies", strategy, "--seeds", str(seed), "--out", str(out),
                "--steps", str(a.steps), "--eval-every", str(a.eval_every), "--val-n", str(a.val_n),
-               "--test-n", str(a.test_n), "--micro-batch", str(a.micro_batch), "--lr", str(a.lr),
+               "--test-n", str(a.test_n), "--micro-batch", str(a.micro_batch), "--lr", str(lr or a.lr),
                "--warmup", str(a.warmup), "--model", a.model, "--scope", a.scope]
         if a.eval_at_start:
             cmd.append("--eval-at-start")
@@ -597,7 +603,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-n", type=int, default=60)
     p.add_argument("--test-n", type=int, default=300)
     p.add_argument("--micro-batch", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"learning rate (default {LORA_LR:g} with --scope adapter; --scope full needs it given)")
     p.add_argument("--lr-sweep", nargs="+", type=float, default=None, metavar="LR",
                    help="learning-rate selection: one cell per rate (named <strategy>-lr<LR>-seed<S>.json), "
                    "validation only (needs --test-n 0); --report then writes the sweep's table and the rate chosen")

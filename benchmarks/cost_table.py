@@ -2,6 +2,9 @@
 
     PYTHONSAFEPATH=1 python benchmarks/cost_table.py --out benchmarks/results/costs-smollm2   # runs + report
     PYTHONSAFEPATH=1 python benchmarks/cost_table.py --out benchmarks/results/costs-smollm2 --report
+    # issue 40's counts (the LoRA depth-floor curve, the full-parameter arm), tables in their own file:
+    PYTHONSAFEPATH=1 python benchmarks/cost_table.py --out benchmarks/results/costs-smollm2-issue40 \
+        --results-md benchmarks/results/costs-smollm2-issue40/tables.md --only ISSUE40
 
 Each variant is one ``cost_count.py`` process (a few real training steps on SmolLM2; FLOPs and saved
 bytes of every selected set counted on the meta device at 4 x 128 tokens). ``--report`` turns
@@ -21,6 +24,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # run as a script under PYTHONSAFEPATH=1, the folder is not on the path
+    sys.path.insert(0, str(HERE))
 FLOOR = {"depth_floor": "salf"}
 IST = {"first_update": 2, "update_every": 2, "estimation_batch": 4}
 # name -> (strategy, steps, strategy options, engine options, real). Short runs: counts need no long
@@ -50,6 +55,20 @@ FULL = {
        for m in ("keep", "cpu", "drop")},
     "ir + floor salf cpu": ("ir", 5, {}, {**FLOOR, "frozen_optimizer_state": "cpu"}, True),
 }
+# Issue 40: the depth-floor curve on the LoRA path, and the full-parameter arm of the convergence grid
+# (its four settings at their grid defaults, lisa's interval 20 included, plus the candidates for the lighter
+# ir variant). ir runs longer here, so its selection sequence shows how many layers enter and leave.
+LORA.update({f"ir + floor {n}": ("ir", 8, {}, {"depth_floor": n}, True) for n in (4, 8, 12, 16)})
+CPU = {"frozen_optimizer_state": "cpu"}
+FULL.update({
+    "ir cpu, 16 steps": ("ir", 16, {}, CPU, True),
+    "lisa cpu, defaults (n 2, interval 20)": ("lisa", 60, {}, CPU, False),
+    "ir split_num 2 cpu": ("ir", 10, {"split_num": 2}, CPU, True),
+    **{f"ir + floor {n} cpu": ("ir", 10, {}, {"depth_floor": n, **CPU}, True) for n in (8, 12)},
+})
+ISSUE40 = ["adapter:all", "adapter:ir", *(f"adapter:ir + floor {n}" for n in (4, 8, 12, 16)), "full:all",
+           "full:ir cpu, 16 steps", "full:lisa cpu, defaults (n 2, interval 20)", "full:ir split_num 2 cpu",
+           "full:ir + floor 8 cpu", "full:ir + floor 12 cpu"]
 # Real training steps: 1 example of 128 (LoRA) / 64 (full) tokens, to keep these CPU runs short; FLOPs and
 # saved bytes are counted at 4 x 128 for every variant.
 TRAIN_SHAPE = {"adapter": (1, 128), "full": (1, 64)}
@@ -97,15 +116,41 @@ def summarise(run: dict) -> dict:
     }
 
 
+def layer_moment_bytes(model: str, scope: str) -> list[int]:
+    """Adam moment bytes (exp_avg + exp_avg_sq, fp32) of each decoder layer's trainable tensors."""
+    from cost_count import meta_model
+
+    from irtuning_plugin.assets.references import resolve_reference
+    from irtuning_plugin.layer_map import build_layer_map
+
+    lm = build_layer_map(meta_model(resolve_reference(model), scope), scope)
+    return [sum(2 * p.numel() * 4 for p in ps) for ps in lm.params]
+
+
+def moved_per_step(run: dict, layer_bytes: list[int]) -> list[int]:
+    """Bytes `frozen_optimizer_state: cpu` moves at each re-selection of the run (0 for other modes)."""
+    from convergence import offload_moves
+
+    if run.get("engine_options", {}).get("frozen_optimizer_state") != "cpu":
+        return [0] * max(len(run["rows"]) - 1, 1)
+    return offload_moves([r["active"] for r in run["rows"]], layer_bytes) or [0]
+
+
 def _x(v, base):
     return f"{v / base:.3f}×" if base else "-"
 
 
-def report(runs: list[dict], scope: str) -> str:
+def report(runs: list[dict], scope: str, out: str = "benchmarks/results/costs-smollm2", extra: str = "",
+           model: str = "irtuning://smollm2-135m-instruct") -> str:
     runs = [r for r in runs if r["scope"] == scope]
     if not runs:
         return ""
     by = {r["label"]: summarise(r) for r in runs}
+    if scope == "full":
+        layer_bytes = layer_moment_bytes(model, scope)
+        for r in runs:
+            moved = moved_per_step(r, layer_bytes)
+            by[r["label"]]["moved"] = (statistics.median(moved), max(moved))
     base = by.get("all")
     first = runs[0]
     G, MB = 1e9, 2**20
@@ -115,7 +160,7 @@ def report(runs: list[dict], scope: str) -> str:
     lines = [
         f"### Counted costs per optimizer step: {first.get('model', '?')}, {what}", "",
         f"Generated {datetime.date.today()} by `python benchmarks/cost_table.py --out "
-        f"benchmarks/results/costs-smollm2 --report` (runs: the same command without `--report`) on "
+        f"{out}{extra} --report` (runs: the same command without `--report`) on "
         f"{platform.machine()}, torch {first['torch']}. Steps: *trained* = real training steps ({train} per "
         f"step, AdamW lr 2e-4, seed 1), for the strategies that read gradients; *replayed* = the same engine "
         f"and AdamW with zero gradients instead of forward/backward (`cost_count.py --replay`), for those "
@@ -128,8 +173,8 @@ def report(runs: list[dict], scope: str) -> str:
         "| variant | steps | layers/step (min-med-max) | lowest trained (min-med) | fwd GFLOP | bwd GFLOP (median) "
         "| bwd vs all | saved for backward MB | saved vs all | grads + Adam on device MB (median / max) "
         "| vs all | kept off device by `cpu` MB (max) | Adam state MB (max) | step s | score+select ms (share) "
-        "| peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        "| peak RSS MB |" + (" moved by `cpu` per step MB (median / max) |" if scope == "full" else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if scope == "full" else "")]
     for name, s in by.items():
         extra = []
         if s["floor"] is not None:
@@ -145,7 +190,8 @@ def report(runs: list[dict], scope: str) -> str:
             f"| {_x(s['resident_max'], base and base['resident_max'])} | {s['offloaded'] / MB:.1f} "
             f"| {s['state'] / MB:.1f} | " + ("- | - | - |" if s["replay"] else
             f"{s['wall']:.1f} | {s['engine_ms']:.1f} ({100 * s['engine_share']:.2f}%, max "
-            f"{100 * s['engine_share_max']:.2f}%) | {s['rss'] / MB:.0f} |"))
+            f"{100 * s['engine_share_max']:.2f}%) | {s['rss'] / MB:.0f} |")
+            + (f" {s['moved'][0] / MB:.1f} / {s['moved'][1] / MB:.1f} |" if "moved" in s else ""))
     return "\n".join(lines)
 
 
@@ -206,7 +252,7 @@ def plot(runs: list[dict], path: Path) -> None:
 
 def write_section(text: str, tag: str, results_md: Path) -> None:
     start, end = f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
-    doc = results_md.read_text()
+    doc = results_md.read_text() if results_md.exists() else "# Counted costs\n"
     block = f"{start}\n{text}\n{end}"
     if start in doc:
         head, rest = doc.split(start, 1)
@@ -220,7 +266,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--report", action="store_true")
-    p.add_argument("--only", nargs="*", default=None, help="variant names to run (default: all)")
+    p.add_argument("--only", nargs="*", default=None, help="variant names to run (default: all); ISSUE40: the "
+                   "variants of issue 40 (depth-floor curve, full-parameter arm)")
     p.add_argument("--scopes", nargs="+", default=["adapter", "full"])
     p.add_argument("--model", default="irtuning://smollm2-135m-instruct")
     p.add_argument("--results-md", default=str(HERE / "RESULTS.md"))
@@ -231,7 +278,12 @@ def main(argv=None) -> int:
     if not a.report:
         todo = [(scope, name) for scope in a.scopes for name in (LORA if scope == "adapter" else FULL)]
         if a.only:  # in the order given; "full:NAME" / "adapter:NAME" picks one scope
-            todo = [(sc, n) for item in a.only for sc, n in todo if item in (n, f"{sc}:{n}")]
+            only = [x for item in a.only for x in (ISSUE40 if item == "ISSUE40" else [item])]
+            unknown = [x for x in only if not any(x in (n, f"{sc}:{n}") for sc, n in todo)]
+            if unknown:
+                raise SystemExit(f"--only: no variant {unknown[0]!r}; known: "
+                                 + ", ".join(f"{sc}:{n}" for sc, n in todo))
+            todo = [(sc, n) for item in only for sc, n in todo if item in (n, f"{sc}:{n}")]
         for scope, name in todo:
             result = run_variant(name, scope, (LORA if scope == "adapter" else FULL)[name], a, out)
             with open(runs_path, "a") as fh:
@@ -243,8 +295,9 @@ def main(argv=None) -> int:
             runs[(r["scope"], r["label"])] = r  # a rerun of a variant replaces the earlier one
     runs = list(runs.values())
     md = Path(a.results_md)
+    extra = "" if a.results_md == str(HERE / "RESULTS.md") else f" --results-md {a.results_md}"
     for scope, tag in SECTIONS.items():
-        text = report(runs, scope)
+        text = report(runs, scope, a.out, extra, a.model)
         if scope == "full":
             text += "\n\n" + lisa_redraws(runs)
         if text.strip():

@@ -136,6 +136,13 @@ def test_a_bad_grid_is_refused_before_any_cell_runs(tmp_path):
     assert (args.scope, args.lr_sweep) == ("full", [1e-5, 3e-5, 1e-4])
     with pytest.raises(SystemExit):
         cv.build_parser().parse_args(["--out", str(tmp_path), "--scope", "lora"])
+    # full fine-tuning never falls back to the LoRA rate: it needs the rate the sweep chose
+    args = cv.build_parser().parse_args(["--out", str(tmp_path), "--scope", "full", "--strategies", "all"])
+    with pytest.raises(SystemExit, match="--scope full needs --lr"):
+        cv.run_grid(args)
+    args = cv.build_parser().parse_args(["--out", str(tmp_path), "--strategies", "all"])
+    cv.check_args(args)
+    assert args.lr == 1e-3
 
 
 def test_sweep_cells_are_named_by_rate_and_kept_apart_from_the_grid(tmp_path):
@@ -164,6 +171,7 @@ def test_a_cell_from_before_the_scope_key_counts_as_the_lora_recipe(tmp_path):
               "model": "irtuning://tiny-llama"}  # no "scope": written before it existed
     path.write_text(json.dumps({"recipe": recipe}))
     args = _args(tmp_path, ["all"])
+    cv.check_args(args)  # the LoRA default rate, 1e-3
     cv._check_same_recipe(path, args)  # adapter: accepted
     args.scope = "full"
     with pytest.raises(SystemExit, match="scope='adapter', this grid asks for 'full'"):
@@ -218,7 +226,7 @@ def test_the_sweep_chooses_the_best_final_validation_rate_and_says_so():
 def full_grid(tmp_path_factory, tiny_model_dir):
     out = tmp_path_factory.mktemp("full")
     args = _args(out, ["all", "ir+cpu"])
-    args.scope = "full"
+    args.scope, args.lr = "full", 1e-4
     cv.run_grid(args)
     sweep = cv.build_parser().parse_args(
         ["--out", str(out / "sweep"), "--model", "irtuning://tiny-llama", "--strategies", "all", "--seeds", "1",

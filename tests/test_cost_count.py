@@ -1,5 +1,6 @@
 """The benchmark's cost counter: meta-device counts equal CPU counts, and what they measure is real."""
 
+import re
 import sys
 from pathlib import Path
 
@@ -69,3 +70,18 @@ def test_cpu_offload_account_names_the_state_kept_off_the_device():
             engine.end_step(step)
         if mode == "cpu":
             assert frozen_state > 0  # some layer trained earlier and is frozen now
+
+
+def test_cost_table_offload_moves_only_for_the_cpu_mode_and_unknown_variants_are_refused(tmp_path):
+    import cost_table
+
+    rows = [{"active": a} for a in ([0, 1], [1, 2], [0, 2])]
+    sizes = [10, 100, 1000]
+    cpu = {"engine_options": {"frozen_optimizer_state": "cpu"}, "rows": rows}
+    keep = {"engine_options": {}, "rows": rows}
+    assert cost_table.moved_per_step(cpu, sizes) == [10, 110]  # 0 leaves; then 1 leaves and 0 returns
+    assert cost_table.moved_per_step(keep, sizes) == [0, 0]
+    with pytest.raises(SystemExit, match=re.escape("--only: no variant 'full:ir + floor 99 cpu'; known: adapter:all")):
+        cost_table.main(["--out", str(tmp_path), "--only", "full:ir + floor 99 cpu"])
+    assert all(item.split(":", 1)[1] in (cost_table.LORA if item.startswith("adapter:") else cost_table.FULL)
+               for item in cost_table.ISSUE40)
