@@ -1,4 +1,4 @@
-"""IR-Tuning against the reference code's rules (ZhexiongLiu/IR-Tuning, ir.py; the README's "What happens in a step"):
+"""IR-Tuning against the reference code's rules (ZhexiongLiu/IR-Tuning, ir.py; docs/strategies.md, "What happens in a step"):
 the cut rule with ties and sentinels, split_num 2, the cosine and weight metrics, fp16 loss scaling."""
 
 import json

@@ -147,6 +147,6 @@ def test_readme_key_table_is_current():
 
     from irtuning_plugin.cli import KEYS_END, KEYS_START, keys_table
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (Path(__file__).resolve().parent.parent / "docs" / "keys.md").read_text()
     section = readme.split(KEYS_START, 1)[1].split(KEYS_END, 1)[0].strip()
-    assert section == keys_table(), "run: irtuning keys --write-readme README.md"
+    assert section == keys_table(), "run: irtuning keys --write-readme docs/keys.md"

@@ -2,8 +2,8 @@
 
 Every recipe is (1) validated by Axolotl with our plugin on a meta-device model of its real architecture,
 built from the config.json the tests ship (real layer count and sizes: tests/fixtures/architectures), (2)
-trained for 2 steps with the model swapped for the tiny Llama, and (3) checked against the README's key
-table and the paper's settings, so that a recipe cannot drift from either.
+trained for 2 steps with the model swapped for the tiny Llama, and (3) checked against the key table
+in docs/keys.md and the paper's settings, so that a recipe cannot drift from either.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def test_meta_validation_refuses_options_the_architecture_cannot_take(model):
 
 
 def _key_table() -> dict[str, object]:
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "keys.md").read_text()
     table = text.split("<!-- keys:start -->", 1)[1].split("<!-- keys:end -->", 1)[0]
     rows = [[c.strip() for c in line.strip().strip("|").split(" | ")] for line in table.splitlines() if line.startswith("|")]
     col = rows[0].index("default")  # the table's columns may grow; find the one that holds the default
@@ -122,7 +122,7 @@ def test_recipe_follows_the_key_table_and_the_paper(model, name):
     from irtuning_plugin.config import all_flat_keys
 
     table = _key_table()
-    assert table.keys() == all_flat_keys().keys(), "README key table is stale: regenerate it (irtuning keys)"
+    assert table.keys() == all_flat_keys().keys(), "docs/keys.md key table is stale: regenerate it (irtuning keys --write-readme docs/keys.md)"
     cfg = load(model, name)
     method, tuning = name.split("-")
     ours = {k: v for k, v in cfg.items() if k.startswith("irtuning_")}

@@ -1,4 +1,4 @@
-"""What is refused before training, and why (the README's table): each row has a test here or is named there.
+"""What is refused before training, and why (the table in docs/refusals.md): each row has a test here or is named there.
 
 torch_compile is refused where the trained layers change during training and allowed where they never
 change after step 0; a compile test counts the graphs Dynamo builds to show why.
@@ -165,7 +165,7 @@ def test_every_row_of_the_readme_refusal_table_names_existing_tests():
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    section = (root / "README.md").read_text().split("### What is refused, and why", 1)[1].split("\n## ", 1)[0]
+    section = (root / "docs" / "refusals.md").read_text().split("### What is refused, and why", 1)[1].split("\n## ", 1)[0]
     rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| setting")]
     assert len(rows) >= 10
     for row in rows:

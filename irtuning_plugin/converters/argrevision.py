@@ -1,7 +1,7 @@
 """ArgRevision (argumentative-essay revisions, revision purposes) -> our records, split as the reference.
 
 Source: the spreadsheet the IR-Tuning reference reads (``data/revision_purpose.xlsx``; the corpus is
-shared by its authors on request, see the README), or the same sheet saved as CSV. The first row names
+shared by its authors on request, see docs/paper-task.md), or the same sheet saved as CSV. The first row names
 the columns; the converter needs
 
     old_sentences, new_sentences, purpose_labels

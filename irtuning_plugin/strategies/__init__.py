@@ -1,8 +1,8 @@
 """Layer-selection strategies, registered by name: one module each in this package.
 
 Every module here is imported on first use of the package, so a new strategy is one new file with a
-``@register_strategy`` class; nothing else needs editing (the Axolotl keys and the README table are
-generated from the registry).
+``@register_strategy`` class; nothing else needs editing (the Axolotl keys and the key table in
+docs/keys.md are generated from the registry).
 """
 
 import importlib

@@ -36,7 +36,7 @@ class NoOptions:
 
 
 def option(default: Any, help: str, **kwargs) -> Any:  # noqa: A002 - mirrors argparse
-    """A documented strategy option (the help text reaches the Axolotl args model and the README).
+    """A documented strategy option (the help text reaches the Axolotl args model and the key table in docs/keys.md).
 
     Its type is the field's annotation (see :class:`KeyType`); ``choices=(...)`` on a ``str`` field
     makes it a choice of those strings.

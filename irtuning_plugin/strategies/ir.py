@@ -2,7 +2,7 @@
 
 Each optimizer step the layers are ranked by an importance score and split where the within-group
 variances add up to the least; one group trains. Defaults reproduce the reference implementation
-(ZhexiongLiu/IR-Tuning, ``ir.py``; see the README's "What happens in a step") to the layer, quirks included:
+(ZhexiongLiu/IR-Tuning, ``ir.py``; see docs/strategies.md, "What happens in a step") to the layer, quirks included:
 
 * the cut is the FIRST position in the whole variance list that holds the window's minimum
   (``V.index(min(V[window]))``), so with tied scores it can land below the window: all-equal scores

@@ -6,7 +6,7 @@ Every step ``int(train_fraction * L)`` layers train, sampled without replacement
 ``int(suppress_fraction * L)`` layers (weights ``sigmoid(s)``, a set equal to an earlier one is drawn
 again) each get their LoRA output scaled by ``suppress_factor`` for one eval-mode forward pass on
 ``estimation_batch`` training examples; the rewards ``exp(-loss)`` move the scores (:func:`ist_score_update`).
-Defaults are the reference's constants (the README's "Strategies" section). The extra forward passes run
+Defaults are the reference's constants (docs/strategies.md). The extra forward passes run
 inside :meth:`ISTStrategy.select`, so they count in the step's ``select_ms``.
 
 Deliberate differences from the reference: the estimation examples are drawn from the Trainer's

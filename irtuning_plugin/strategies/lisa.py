@@ -5,7 +5,7 @@ engine's seeded generator, the same on every rank) train and all others freeze. 
 decoder layers (embeddings, final norm, LM head) keep training, as in the paper, unless
 ``train_outside`` is off. Works over adapters (``irtuning_scope: adapter``) and full fine-tuning
 (``irtuning_scope: full``, the paper's setting). Defaults follow LMFlow (K=20, n=2); see
-the README's "Strategies" section. Unlike LMFlow/Axolotl, the optimizer is built once over every layer and the
+docs/strategies.md. Unlike LMFlow/Axolotl, the optimizer is built once over every layer and the
 draws never touch the global numpy RNG; ``irtuning_frozen_optimizer_state`` decides what happens to the
 moments of re-frozen layers.
 

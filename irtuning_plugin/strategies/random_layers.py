@@ -1,7 +1,7 @@
 """``random``: RST, a fixed number of uniformly random layers re-drawn every optimizer step.
 
 The IR-Tuning repository's random baseline trains 4 of 32 layers; draws come from the engine's seeded
-generator (the same on every rank). See the README's "Strategies" section.
+generator (the same on every rank). See docs/strategies.md.
 
 Differences from the reference's RST (``rst.py``), deliberate: ours draws ``n_layers`` from all L layers of
 the model; the reference draws ``torch.randperm(32)[:4]`` whatever the layer count (on a model with fewer

@@ -8,7 +8,7 @@ Under a tied LM head latent space 0 is left out of the gains by default (``embed
 read through the input embedding matrix it scores the input token itself, so the drop across layer 0
 measures the tying, not the layer (on SmolLM2 it is 103 nats against at most 7 for any other layer).
 The numerics live in :mod:`irtuning_plugin.salf_calibration`; what follows the paper and what is ours
-is in the README's "SALF" section.
+is in docs/salf.md.
 """
 
 from __future__ import annotations
