@@ -5,8 +5,6 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.irtuning-installed
 
-# The repo root must never be on sys.path: our kernels/ folder would shadow Hugging Face's `kernels`.
-export PYTHONSAFEPATH := 1
 export AXOLOTL_DO_NOT_TRACK := 1
 export HF_HUB_OFFLINE := 1
 export WANDB_MODE := disabled

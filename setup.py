@@ -17,10 +17,10 @@ setup(
     license="Apache-2.0",
     # Tested on 3.11 (Axolotl 0.19, LLaMA-Factory 0.9.5) and 3.12 (Axolotl 0.21); the code needs 3.11.
     python_requires=">=3.11",
-    # The kernels live in kernels/ but install as irtuning_kernels: Axolotl depends on Hugging Face's
-    # own top-level `kernels` package, which a top-level kernels/ of ours would shadow.
+    # The kernels live in kernels/irtuning_kernels/. kernels/ itself has no __init__.py, so with the repository
+    # root on sys.path it is only a namespace portion and never hides Hugging Face's `kernels` (Axolotl needs it).
     packages=find_packages(include=["irtuning_plugin", "irtuning_plugin.*"]) + ["irtuning_kernels"],
-    package_dir={"irtuning_kernels": "kernels"},
+    package_dir={"irtuning_kernels": "kernels/irtuning_kernels"},
     include_package_data=True,
     package_data={"irtuning_plugin": ["recipes/*.yaml", "planner/architectures/*.json"]},
     install_requires=[

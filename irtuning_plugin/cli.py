@@ -153,8 +153,7 @@ def _cmd_summary(args) -> int:
 
 
 def _axolotl_command() -> list[str]:
-    # -P: never put the working directory on sys.path (a repo checkout's kernels/ would shadow HF `kernels`)
-    return [sys.executable, "-P", "-m", "axolotl.cli.main"]
+    return [sys.executable, "-m", "axolotl.cli.main"]
 
 
 def demo_train_command(recipe, launcher: str, max_steps: int | None = None) -> list[str]:
@@ -188,7 +187,7 @@ def _cmd_demo(args) -> int:
     before = _evaluate(cfg["base_model"], None, "test", args.eval_limit, data_dir)
     print(f"before training: accuracy {before.accuracy:.3f}, macro-F1 {before.macro_f1:.3f} (n={before.n})",
           flush=True)
-    env = {**os.environ, **AXOLOTL_ENV, "PYTHONSAFEPATH": "1",
+    env = {**os.environ, **AXOLOTL_ENV,
            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
     print("running: " + " ".join(cmd), flush=True)
     proc = subprocess.run(cmd, env=env)

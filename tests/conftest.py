@@ -5,7 +5,6 @@ The built-in assets go to a cache outside the repo; the tiny model is built once
 """
 
 import os
-import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -13,11 +12,7 @@ os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# Our kernels/ folder would shadow Hugging Face's `kernels` package if the repo root were importable.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
-
-import pytest  # noqa: E402
+import pytest
 
 
 def pytest_configure(config):

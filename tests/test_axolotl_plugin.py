@@ -14,7 +14,7 @@ RECIPES = REPO / "yaml_recipes"
 VENV_BIN = str(Path(sys.executable).parent)
 # `accelerate launch` is found on PATH by Axolotl's launcher: put this environment's bin first.
 AXOLOTL_ENV = {**os.environ, "AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
-               "PYTHONSAFEPATH": "1", "TOKENIZERS_PARALLELISM": "false",
+               "TOKENIZERS_PARALLELISM": "false",
                "PATH": VENV_BIN + os.pathsep + os.environ.get("PATH", "")}
 
 

@@ -41,7 +41,8 @@ def fresh_install(tmp_path_factory):
     purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                              check=True, capture_output=True, text=True).stdout.strip()
     (Path(purelib) / "borrowed-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    env = {**os.environ, "PYTHONSAFEPATH": "1", "HF_HUB_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1"}
+    env.pop("PYTHONSAFEPATH", None)
     return {"wheel": wheel, "bin": venv / "bin", "purelib": Path(purelib), "env": env, "cwd": tmp}
 
 
@@ -83,3 +84,20 @@ def test_check_of_the_packaged_demo_recipe_from_the_wheel(fresh_install):
     proc = _run(fresh_install, str(fresh_install["bin"] / "irtuning"), "check", str(recipe), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "irtuning check: ok (irtuning_strategy ir, scope adapter)" in proc.stdout
+
+
+def test_repository_root_on_sys_path_shadows_nothing():
+    """kernels/ has no __init__.py: from the repository root, `import kernels` still finds Hugging Face's package
+    (Axolotl imports it) and `irtuning_kernels` is ours, with no PYTHONSAFEPATH or sys.path edits."""
+    env = dict(os.environ)
+    env.pop("PYTHONSAFEPATH", None)
+    code = ("import sys, importlib.util; assert sys.path[0] == ''; import irtuning_kernels; print(irtuning_kernels.__file__); "
+            "spec = importlib.util.find_spec('kernels'); "
+            "print(spec.origin if spec and spec.origin else 'namespace:' + ','.join(spec.submodule_search_locations))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ours, theirs = proc.stdout.split()
+    assert Path(ours).parent.name == "irtuning_kernels" and Path(ours).parent.parent.name == "kernels"
+    if theirs.startswith("namespace:"):
+        pytest.skip("Hugging Face's kernels is not installed in this environment")
+    assert not Path(theirs).is_relative_to(REPO / "kernels") and Path(theirs).parent.parent.name == "site-packages", theirs

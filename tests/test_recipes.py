@@ -171,10 +171,10 @@ def tiny_runs(tmp_path_factory, tiny_model_dir):
         })
     (work / "spec.json").write_text(json.dumps(spec))
     env = {**os.environ, "AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
-           "PYTHONSAFEPATH": "1", "TOKENIZERS_PARALLELISM": "false",
+           "TOKENIZERS_PARALLELISM": "false",
            "PATH": VENV_BIN + os.pathsep + os.environ.get("PATH", "")}
     runner = Path(__file__).resolve().parent / "recipe_tiny_runner.py"
-    proc = subprocess.run([sys.executable, "-P", str(runner), str(work / "spec.json"), str(work / "results.json")],
+    proc = subprocess.run([sys.executable, str(runner), str(work / "spec.json"), str(work / "results.json")],
                           cwd=work, env=env, capture_output=True, text=True, timeout=1800)
     (work / "runner.log").write_text(proc.stdout + proc.stderr)
     assert (work / "results.json").exists(), (proc.stdout + proc.stderr)[-4000:]

@@ -171,7 +171,7 @@ def test_setup_comparison_benchmark_runs(tmp_path, tiny_model_dir):
 
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "compare_setups.py"
     out = tmp_path / "setups.json"
-    proc = subprocess.run([sys.executable, "-P", str(script), "--model", str(tiny_model_dir), "--steps", "2",
+    proc = subprocess.run([sys.executable, str(script), "--model", str(tiny_model_dir), "--steps", "2",
                            "--eval-n", "5", "--out", str(out)], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]

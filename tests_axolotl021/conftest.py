@@ -10,7 +10,6 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
 sys.path.append(os.path.join(_ROOT, "tests"))  # the Axolotl test helpers (base_cfg, run_axolotl)
 
 import pytest  # noqa: E402

@@ -2,17 +2,12 @@
 the main suite (LLaMA-Factory 0.9.5 cannot share a venv with Axolotl 0.19)."""
 
 import os
-import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# Our kernels/ folder would shadow Hugging Face's `kernels` package if the repo root were importable.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
-
-import pytest  # noqa: E402
+import pytest
 
 
 @pytest.fixture(scope="session")
