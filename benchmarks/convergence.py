@@ -348,6 +348,30 @@ def _cell_main(a) -> int:
     return 0
 
 
+def time_steps(a) -> int:
+    """Seconds per training step of `all`, LoRA then full fine-tuning then LoRA again, in one process, for
+    each task (the cells' own code: run_cell, no evaluation); writes ``<out>/steptime-<task>.json``."""
+    from irtuning_plugin.assets.references import resolve_reference
+
+    model = resolve_reference(a.model)
+    for task in a.tasks:
+        runs = []
+        for scope in ("adapter", "full", "adapter"):
+            r = run_cell(task=task, strategy="all", seed=a.seeds[0], steps=a.time_steps, eval_every=10**9, val_n=2,
+                         test_n=0, model_dir=model, data_dir=str(task_data_dir(task)), micro_batch=a.micro_batch,
+                         lr=LORA_LR if scope == "adapter" else 3e-5, warmup=a.warmup, scope=scope)
+            runs.append({"scope": scope, "step_s": r["step_s"], "flops_per_step": r["train_flops"] / a.time_steps,
+                         "device_bytes": r["device_bytes_per_step"][-1]})
+            print(f"{task} {scope}: median step {statistics.median(r['step_s'][1:]):.2f} s "
+                  f"(steps 2-{a.time_steps}: {', '.join(f'{x:.2f}' for x in r['step_s'][1:])})", flush=True)
+        out = Path(a.out) / f"steptime-{task}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"task": task, "runs": runs, "load_avg_end": os.getloadavg(),
+                                   "cpu": platform.processor() or platform.machine(), "threads": r["threads"],
+                                   "date": datetime.date.today().isoformat()}, indent=1))
+    return 0
+
+
 # ---- report ------------------------------------------------------------------------------------------
 
 def load_cells(out: Path, sweep: bool = False) -> list[dict]:
@@ -626,6 +650,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", default="cpu-smollm2")
     p.add_argument("--remaining", default="", help="text saying what a partial grid still lacks")
     p.add_argument("--results-md", default=str(HERE / "RESULTS.md"))
+    p.add_argument("--time-steps", type=int, default=0, metavar="N",
+                   help="only time N training steps of `all`, LoRA / full / LoRA, one process per task "
+                   "(writes <out>/steptime-<task>.json)")
     p.add_argument("--cell", action="store_true", help=argparse.SUPPRESS)  # internal: one cell, this process
     return p
 
@@ -634,6 +661,8 @@ def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     if a.cell:
         return _cell_main(a)
+    if a.time_steps:
+        return time_steps(a)
     check_args(a)
     if not a.report:
         run_grid(a)

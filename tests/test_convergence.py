@@ -264,3 +264,15 @@ def test_tiny_sweep_reads_validation_only_and_reports_the_chosen_rate(full_grid,
                     "--test-n", "0", "--lr-sweep", "1e-5", "1e-4"]) == 0
     text = md.read_text()
     assert "<!-- convergence:lr:start -->" in text and "chosen lr" in text and "| 1e-05 | 1 |" in text
+
+
+@pytest.mark.slow
+def test_time_steps_times_lora_and_full_steps_of_all_in_one_process(tmp_path, tiny_model_dir):
+    assert cv.main(["--time-steps", "2", "--tasks", "revision-intention", "--seeds", "1", "--out", str(tmp_path),
+                    "--model", "irtuning://tiny-llama", "--warmup", "1"]) == 0
+    runs = json.loads((tmp_path / "steptime-revision-intention.json").read_text())["runs"]
+    assert [r["scope"] for r in runs] == ["adapter", "full", "adapter"]
+    assert all(len(r["step_s"]) == 2 and min(r["step_s"]) > 0 for r in runs)
+    # same batches: full fine-tuning computes every weight gradient, LoRA only the adapters'
+    assert runs[1]["flops_per_step"] > runs[0]["flops_per_step"] == runs[2]["flops_per_step"]
+    assert runs[1]["device_bytes"] > runs[0]["device_bytes"]
