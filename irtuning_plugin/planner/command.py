@@ -223,6 +223,8 @@ MODELLED = [
     "modelled: the loss transient (fp32 logits' gradient + its copy) at micro-batch x seq x vocab",
     "modelled: attention kernel saved tensors for sdpa/flash (q, k, v, out, fp32 log-sum-exp, as flash-attention 2)",
     "modelled: checkpointing keeps each layer's input and rebuilds one layer at a time",
+    "modelled: cpu offload holds the moments of two consecutive trained sets on the device (the copies overlap "
+    "the next forward/backward)",
     f"modelled: foreach AdamW step temporary = stepped moments; allocator overhead {core.ALLOCATOR_OVERHEAD:.0%} of "
     f"the peak (reserved); CUDA context {core.CUDA_CONTEXT_GIB} GiB outside the allocator (in 'fits'); cuBLAS "
     f"workspace not counted",
@@ -247,8 +249,8 @@ def _row_cells(p: core.RowPlan) -> list[str]:
              f"{p.offload_bytes_per_step_mean / 1e9:.2f}/{p.offload_bytes_per_step_max / 1e9:.2f}"]
     if p.step_time:
         t = p.step_time
-        cells.append(f"{t['compute_s']:.2f}+{t['offload_s_mean']:.2f}" + (" (hideable)" if t["side_stream_hides_offload"]
-                                                                             and t["offload_s_mean"] else ""))
+        hidden = " hidden" if t["side_stream_hides_offload"] and t["offload_s_mean"] else ""
+        cells.append(f"{t['compute_s']:.2f} / {t['offload_s_mean']:.2f}{hidden}")
     return cells
 
 
@@ -258,12 +260,15 @@ HEADERS = ["setup", "layers min/med/max", "rule", "lowest", "frozen W", "train W
 
 
 def render(req: Request, plans: list[core.RowPlan], gpu: str | None, fmt: str) -> str:
-    headers = HEADERS + (["step s (compute+offload mean)"] if gpu else [])
+    headers = HEADERS + (["step s: compute / offload (mean)"] if gpu else [])
     rows = [_row_cells(p) for p in plans]
     head = (f"{req.model_label} ({req.config['num_hidden_layers']} layers) | {req.source} | micro-batch {req.batch} x "
             f"seq {req.seq} | {req.precision} | attention {req.attention} | checkpointing "
-            f"{'on' if req.checkpointing else 'off'} | LoRA r{req.lora_r} ({req.adapter_dtype}) on "
-            f"{','.join(req.lora_targets)}")
+            f"{'on' if req.checkpointing else 'off'} | " + (f"LoRA r{req.lora_r} ({req.adapter_dtype}) on "
+                                                             f"{','.join(req.lora_targets)}" if req.scope == "adapter"
+                                                             else "full fine-tuning") +
+            (f" (compare rows: LoRA r{req.lora_r} on {','.join(req.lora_targets)})"
+             if req.scope == "full" else ""))
     notes = list(MODELLED)
     for p in plans:
         notes.append(f"{p.label}: layers {p.strategy_source}; peak in {p.peak_phase}")
