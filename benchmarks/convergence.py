@@ -6,7 +6,17 @@
     PYTHONSAFEPATH=1 python benchmarks/convergence.py --out benchmarks/results/convergence-cpu-smollm2-300steps \
         --tag cpu-smollm2-300steps --report
 
-One cell = (task, strategy, seed), trained in its own process, one cell after another. A finished cell
+The full-parameter arm (``--scope full``, an explicit ``--lr``) and its learning-rate sweep::
+
+    PYTHONSAFEPATH=1 python benchmarks/convergence.py --tasks tweet-sentiment --strategies all --seeds 1 \
+        --scope full --steps 300 --test-n 0 --lr-sweep 1e-5 3e-5 1e-4 --no-report --out <sweep folder>
+    PYTHONSAFEPATH=1 python benchmarks/convergence.py --tasks tweet-sentiment --scope full --lr <chosen> \
+        --strategies all ir+cpu lisa+cpu ir+floor8+cpu --steps 300 --no-report --out <full-arm folder>
+    PYTHONSAFEPATH=1 python benchmarks/convergence.py --out <full-arm folder> --also <LoRA grid folder> \
+        --only-tasks tweet-sentiment --tag <tag> --report   # both arms in one table
+
+A grid name is a strategy plus "+"-joined settings (see ``parse_grid_name``). One cell = (task, strategy,
+seed), trained in its own process, one cell after another. A finished cell
 leaves ``<out>/<task>/<strategy>-seed<seed>.json`` (written atomically) and is skipped when the grid is
 run again; an interrupted cell leaves only ``*.partial.jsonl`` (its curve so far, for watching), which
 the next run deletes before it trains that cell again from step 0. So a grid can be stopped at any time
