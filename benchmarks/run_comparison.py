@@ -34,7 +34,7 @@ DEFAULT_OPTIONS = {
     "lisa": {"n_layers": 2, "interval": 5},  # LMFlow's K=20 would re-draw once in a 30-step run
     "random": {"n_layers": 4},
     # Unbounded: with latent space 0 left out under SmolLM2's tied head (irtuning_salf_embedding_space:
-    # auto, see the README's SALF section) the calibration picks cut 23 (6 layers train). The table of
+    # auto, see docs/salf.md) the calibration picks cut 23 (6 layers train). The table of
     # 2026-11-23 was run with max_trainable: 10 before that default existed; it picked the same cut 23.
     "salf": {},
 }
