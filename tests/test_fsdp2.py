@@ -151,3 +151,129 @@ def test_per_rank_signals_are_combined(sharded):
     calib = _load(sharded, "salf", 0)[0]["rows"][0]
     assert calib["salf_source"] == "calibration" and calib["salf_batches"] == 2 and calib["salf_tokens"] > 0
 
+
+
+# ---- the plain-Trainer recipe under accelerate launch ------------------------------------------------
+RECIPE_DIR = Path(__file__).resolve().parents[1] / "yaml_recipes" / "fsdp2"
+
+
+def _launch(out: Path, data: Path, model_dir: Path, *extra: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "IRTUNING_TEST_CPU_FSDP": "1", "OMP_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
+           str(RECIPE_DIR / "accelerate_fsdp2_cpu.yaml"), "--main_process_port", str(_free_port()),
+           str(Path(__file__).with_name("fsdp2_trainer_probe.py")), "--model", str(model_dir), "--data", str(data),
+           "--output_dir", str(out), "--lora", "4", "--max_steps", "4", "--max_length", "32",
+           "--learning_rate", "5e-3", "--save_steps", "2", "--irtuning", "irtuning_strategy=ir", *extra]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_trainer_recipe_under_accelerate_fsdp2_and_its_resume(tmp_path, tiny_model_dir):
+    import random
+
+    rng = random.Random(0)
+    words = "the a cat dog sat on mat ran fast slow red blue green house tree river stone".split()
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(8, 20)))}) + "\n"
+                            for _ in range(64)))
+    out = tmp_path / "out"
+    _launch(out, data, tiny_model_dir)
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    weights = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for r, info in enumerate(ranks):
+        assert info["rank"] == r and info["world"] == 2 and info["backend"] == "gloo"
+        # really FSDP2: accelerate's plugin says 2, the decoder layers and root are fully_shard-ed, the trained
+        # tensors are DTensors sharded on dim 0, and the irtuning callback accepted the set-up
+        assert info["fsdp_enabled"] and info["fsdp_version"] == 2 and info["dtensor_params"], info
+        assert info["fsdp_modules"] == 9 and info["placements"] == "(Shard(dim=0),)", info
+        assert info["global_step"] == 4 and len(info["rows"]) == 4
+    assert ranks[0]["batches"] != ranks[1]["batches"]  # each rank read its own shard of the data
+    assert ranks[0]["rows"] == ranks[1]["rows"]
+    assert len({tuple(r["active"]) for r in ranks[0]["rows"]}) > 1
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    ckpt = out / "checkpoint-2"
+    assert (ckpt / "irtuning_state.pt").is_file() and (ckpt / "optimizer_0").is_dir()  # sharded (DCP) state
+
+    # resumed from checkpoint-2 (FSDP2 sharded model and optimizer, the engine state of rank 0)
+    for r in (0, 1):
+        (out / f"rank{r}.json").rename(out / f"full{r}.json")
+    _launch(out, data, tiny_model_dir, "--resume", str(ckpt))
+    resumed = json.loads((out / "rank0.json").read_text())
+    assert resumed["resumes"] == [{"step": 2, "checkpoint": str(ckpt)}]
+    assert resumed["rows"] == ranks[0]["rows"]
+    again = torch.load(out / "rank0.pt", weights_only=True)
+    assert all(torch.equal(again[k], weights[0][k]) for k in again)
+
+
+# ---- what is refused ---------------------------------------------------------------------------------
+def test_fsdp2_passes_the_shared_check_and_fsdp1_deepspeed_are_refused_naming_fsdp2():
+    from irtuning_plugin.config import SelectionConfig, check_training_setup
+    from irtuning_plugin.strategies import StrategyConfigError
+
+    config = SelectionConfig(strategy="ir")
+    check_training_setup(config, fsdp="full_shard", fsdp_config={"version": 2})  # TrainingArguments' key
+    check_training_setup(config, fsdp=True, fsdp_version=2)  # accelerate's plugin / Axolotl's key
+    for kw in ({"fsdp": "full_shard"}, {"fsdp_config": {"fsdp_version": 1}}, {"fsdp": True, "fsdp_version": "1"}):
+        with pytest.raises(StrategyConfigError) as err:
+            check_training_setup(config, **kw)
+        message = str(err.value)
+        assert message.startswith("fsdp is set: irtuning does not support FSDP version 1 (FSDP1)")
+        assert "use FSDP2 with a plain Trainer" in message and "\n" not in message
+    with pytest.raises(StrategyConfigError, match=r"fsdp_version='two'; allowed: 1, 2"):
+        check_training_setup(config, fsdp=True, fsdp_version="two")
+    with pytest.raises(StrategyConfigError, match=r"or shard with FSDP2 instead \(fsdp_version: 2"):
+        check_training_setup(config, deepspeed={"zero_optimization": {"stage": 3}})
+
+
+def test_the_callback_reads_the_fsdp_version_from_accelerate():
+    """A Trainer under accelerate's FSDP config has no fsdp arguments: the plugin tells the version."""
+    from types import SimpleNamespace
+
+    from irtuning_plugin.callback import LayerSelectionCallback
+    from irtuning_plugin.config import SelectionConfig
+    from irtuning_plugin.engine import SelectionError
+    from irtuning_plugin.strategies import StrategyConfigError
+
+    from helpers_tiny import tiny_peft_llama
+
+    args = SimpleNamespace(torch_compile=False, deepspeed=None, fsdp="", fsdp_config=None, seed=0, max_grad_norm=0.0,
+                           output_dir=None)
+    for version in (1, 2):
+        trainer = SimpleNamespace(is_fsdp_enabled=True, is_deepspeed_enabled=False, train=lambda *a, **k: None,
+                                  log=lambda *a, **k: None, accelerator=SimpleNamespace(
+                                      clip_grad_norm_=lambda *a, **k: None,
+                                      state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=version))))
+        cb = LayerSelectionCallback(SelectionConfig(strategy="ir"), tiny_peft_llama(), trainer=trainer)
+        if version == 1:
+            with pytest.raises(StrategyConfigError, match="does not support FSDP version 1"):
+                cb.on_train_begin(args, SimpleNamespace(is_world_process_zero=True, global_step=0), None)
+        else:  # past the set-up check, up to the engine's own need of an optimizer
+            with pytest.raises(SelectionError, match="the Trainer has no optimizer"):
+                cb.on_train_begin(args, SimpleNamespace(is_world_process_zero=True, global_step=0), None)
+
+
+def test_axolotl_fsdp2_is_refused_with_the_reason(tiny_model_dir):
+    from test_axolotl_plugin import base_cfg, validate
+
+    over = {"fsdp_version": 2, "fsdp_config": {"auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                                               "transformer_layer_cls_to_wrap": "LlamaDecoderLayer"}}
+    with pytest.raises(Exception) as err:
+        validate(base_cfg(tiny_model_dir, **over))
+    message = str(err.value)
+    assert "irtuning does not support FSDP2 under Axolotl yet" in message
+    assert "build_device_mesh('cuda')" in message and "_cuda_setDevice" in message
+    with pytest.raises(Exception, match="does not support FSDP version 1"):
+        validate(base_cfg(tiny_model_dir, fsdp_config={"transformer_layer_cls_to_wrap": "LlamaDecoderLayer"}))

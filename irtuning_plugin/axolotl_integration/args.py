@@ -113,10 +113,28 @@ def validate_axolotl_config(data: dict) -> dict:
                                           f"irtuning_strategy={config.strategy!r}: remove {key}")
     # torch_compile: auto becomes true on torch >= 2.5.1 (Axolotl resolves it after this validator)
     check_training_setup(config, torch_compile=data.get("torch_compile"), deepspeed=data.get("deepspeed"),
-                         fsdp=data.get("fsdp"), fsdp_config=data.get("fsdp_config"))
+                         fsdp=data.get("fsdp"), fsdp_config=data.get("fsdp_config"),
+                         fsdp_version=data.get("fsdp_version"))
+    _refuse_fsdp2(data)
     _ddp_unused_parameters(data, config)
     _check_on_meta_model(data, config)
     return data
+
+
+AXOLOTL_FSDP2_REASON = (
+    "Axolotl 0.19 builds its FSDP device mesh for CUDA only (axolotl/utils/distributed.py, "
+    "build_parallelism_config: build_device_mesh('cuda')), so `axolotl train` with fsdp_version: 2 cannot run "
+    "on the CPU machines irtuning is tested on (first error: AttributeError: module 'torch._C' has no attribute "
+    "'_cuda_setDevice'), and irtuning's FSDP2 support is proven only with a plain Trainer")
+
+
+def _refuse_fsdp2(data: dict) -> None:
+    """FSDP2 passes the framework-neutral check, but not through Axolotl: not proven there (see the reason)."""
+    if data.get("fsdp") or data.get("fsdp_config"):
+        raise StrategyConfigError(
+            f"fsdp is set: irtuning does not support FSDP2 under Axolotl yet: {AXOLOTL_FSDP2_REASON}; use "
+            f"yaml_recipes/fsdp2/ (a plain Trainer under accelerate launch), or remove fsdp/fsdp_config (DDP is "
+            f"supported)")
 
 
 def _ddp_unused_parameters(data: dict, config) -> None:
