@@ -313,3 +313,17 @@ def test_embedding_space_refused_when_unknown():
     with pytest.raises(StrategyConfigError) as err:
         config_from_flat({"irtuning_strategy": "salf", "irtuning_salf_embedding_space": "skip"})
     assert str(err.value) == "irtuning_salf_embedding_space='skip'; allowed: auto, include, exclude"
+
+
+def test_calibration_batches_beyond_what_islice_takes_is_refused_at_config_time():
+    """A value above sys.maxsize used to pass the config and fail inside itertools.islice at train start."""
+    import sys
+
+    from irtuning_plugin.config import config_from_flat
+    from irtuning_plugin.strategies import StrategyConfigError
+
+    with pytest.raises(StrategyConfigError, match=rf"^irtuning_salf_calibration_batches={sys.maxsize + 1}; .*"
+                                                  rf"<= {sys.maxsize}"):
+        config_from_flat({"irtuning_strategy": "salf", "irtuning_salf_calibration_batches": sys.maxsize + 1})
+    assert config_from_flat({"irtuning_strategy": "salf", "irtuning_salf_calibration_batches": 3}
+                            ).strategy_options == {"calibration_batches": 3}

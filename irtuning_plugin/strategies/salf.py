@@ -19,6 +19,7 @@ import itertools
 import logging
 import math
 import numbers
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +68,7 @@ class SALFOptions:
                             "the layer beyond that of a fitted a·(k+1)^-b + c; 'raw' = the plain drop d[l] - d[l+1]",
                             choices=ESTIMATORS)
     calibration_batches: int = option(8, "training batches read by the calibration pass (no gradients, before "
-                                      "step 1)")
+                                      "step 1)", maximum=sys.maxsize)  # itertools.islice's range
     min_trainable: int = option(1, "fewest layers that train (1..L)")
     max_trainable: int | None = option(None, "most layers that train (1..L; default: L)")
     cut: int | None = option(None, "freeze layers 0..cut by hand (0..L-2) and skip the calibration")
