@@ -215,3 +215,14 @@ def test_readme_first_axolotl_example_lists_the_plugin_and_warns():
     assert example["plugins"] == ["irtuning_plugin.IRTuningPlugin"] and example["irtuning_strategy"] == "ir"
     warning = section.split("```", 2)[2].split("\n\n", 2)[1]
     assert "not optional on Axolotl 0.19" in warning and "plain LoRA" in warning and "irtuning check" in warning
+
+
+def test_option_above_the_floor_names_the_floor(tiny_model_dir):
+    """The tiny model has 8 layers; with a floor of 7 only layer 7 is left, so 2 LISA layers cannot fit: the message
+    names the floor and the layers above it, not only the model's layer count."""
+    cfg = base_cfg(tiny_model_dir, irtuning_strategy="lisa", irtuning_depth_floor=7, irtuning_lisa_n_layers=2)
+    with pytest.raises(Exception, match=r"irtuning_lisa_n_layers=2 exceeds .*with irtuning_depth_floor=7 the strategy "
+                                        r"works over the 1 layers 7\.\.7\); the model has 8"):
+        validate(cfg)
+    assert validate(base_cfg(tiny_model_dir, irtuning_strategy="lisa", irtuning_depth_floor=6,
+                             irtuning_lisa_n_layers=2)).irtuning_lisa_n_layers == 2

@@ -74,13 +74,15 @@ def _check_on_meta_model(data: dict, config) -> None:
     from irtuning_plugin.layer_map import find_decoder_layers
 
     _, layers = find_decoder_layers(model, config.layers_path)
-    selectable = len(layers)
-    if isinstance(config.depth_floor, int) and not isinstance(config.depth_floor, bool):
-        from irtuning_plugin.depth_floor import check_floor_depth
+    prefix = f"{PREFIX}{config.strategy}_"
+    if isinstance(config.depth_floor, int) and not isinstance(config.depth_floor, bool) and config.depth_floor > 0:
+        from irtuning_plugin.depth_floor import check_floor_depth, check_options_above_floor
 
         # the strategy works over the layers above the floor, so its options are checked against those
-        selectable -= check_floor_depth(config.depth_floor, len(layers))
-    config.build_options().check(f"{PREFIX}{config.strategy}_", selectable)
+        floor = check_floor_depth(config.depth_floor, len(layers))
+        check_options_above_floor(config.build_options(), prefix, len(layers), floor)
+    else:
+        config.build_options().check(prefix, len(layers))
 
 
 def validate_axolotl_config(data: dict) -> dict:
