@@ -141,7 +141,7 @@ def check_training_setup(config: SelectionConfig, *, torch_compile: Any = None, 
 
     Framework-neutral: Axolotl's args model passes its own keys, the callback passes the Trainer's
     arguments (so a plain Trainer or LLaMA-Factory gets the same refusals). Each refusal names the key
-    and says why; the README's "what is refused, and why" table lists them. FSDP2 (``fsdp_version: 2``,
+    and says why; the "what is refused, and why" table in docs/refusals.md lists them. FSDP2 (``fsdp_version: 2``,
     per-parameter DTensor sharding) is supported; an FSDP set-up that does not say its version is taken
     as FSDP1 (accelerate's and Axolotl's default).
     """
@@ -245,7 +245,7 @@ def config_from_flat(values: Mapping[str, Any]) -> SelectionConfig:
     given = {k: v for k, v in values.items() if k.startswith(PREFIX) and v is not None}
     for key in given:
         if key not in known:
-            raise StrategyConfigError(f"{key} is not an irtuning key; see the README's key table")
+            raise StrategyConfigError(f"{key} is not an irtuning key; see the key table in docs/keys.md")
     strategy = given.get(PREFIX + "strategy", "ir")
     get_strategy_class(strategy)  # unknown strategy: error listing the valid ones
     engine_kwargs: dict[str, Any] = {}

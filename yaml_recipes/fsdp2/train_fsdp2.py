@@ -7,7 +7,7 @@
 ``--data``: a JSON-lines file with a ``text`` field per line (causal-LM loss on every token). ``--lora R``
 trains LoRA adapters of rank R on the attention and MLP projections (irtuning_scope: adapter); ``--lora 0``
 fine-tunes whole layers (give ``--irtuning irtuning_scope=full``). Each ``--irtuning KEY=VALUE`` is an
-``irtuning_*`` key of the README's key table (VALUE read as YAML: 2, true, [3, 5]). accelerate's config
+``irtuning_*`` key of the key table in docs/keys.md (VALUE read as YAML: 2, true, [3, 5]). accelerate's config
 chooses FSDP2 (``fsdp_version: 2``); the Trainer builds the optimizer over every parameter before any is
 frozen, as irtuning needs.
 """
