@@ -277,3 +277,20 @@ def test_axolotl_fsdp2_is_refused_with_the_reason(tiny_model_dir):
     assert "build_device_mesh('cuda')" in message and "_cuda_setDevice" in message
     with pytest.raises(Exception, match="does not support FSDP version 1"):
         validate(base_cfg(tiny_model_dir, fsdp_config={"transformer_layer_cls_to_wrap": "LlamaDecoderLayer"}))
+
+
+def test_llamafactory_fsdp2_is_refused():
+    from irtuning_plugin.llamafactory_integration.launcher import (
+        LlamaFactoryConfigError,
+        check_recipe,
+        load_recipe,
+        resolve_recipe,
+    )
+
+    cfg = load_recipe(Path(__file__).resolve().parents[1] / "yaml_recipes" / "llamafactory" / "smollm2-ir-lora.yaml")
+    cfg.update({"model_name_or_path": "irtuning://tiny-llama", "fsdp": "full_shard", "fsdp_config": {"version": 2}})
+    with pytest.raises(LlamaFactoryConfigError, match="does not support FSDP2 under LLaMA-Factory yet"):
+        check_recipe(resolve_recipe(cfg))
+    cfg["fsdp_config"] = {"version": 1}
+    with pytest.raises(ValueError, match="does not support FSDP version 1"):  # the shared check's refusal
+        check_recipe(resolve_recipe(cfg))
