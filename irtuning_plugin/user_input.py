@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Callable
 
 TRACEBACK_ENV = "IRTUNING_FULL_TRACEBACK"
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed's range
@@ -34,13 +34,16 @@ def read_text(path: str | os.PathLike, what: str = "file") -> str:
         raise UserInputError(f"{what} {str(path)!r} not found")
     if p.is_dir():
         raise UserInputError(f"{what} {str(path)!r} is a folder, not a file")
-    data = p.read_bytes()
+    return decode_utf8(p.read_bytes(), lambda line, at: UserInputError(
+        f"{what} {str(path)!r} is not UTF-8 text (byte {at}, line {line}): save it as UTF-8"))
+
+
+def decode_utf8(data: bytes, error: Callable[[int, int], Exception], *, allow_bom: bool = False) -> str:
+    """``data`` as UTF-8 text; a byte that is not UTF-8 raises ``error(line, offset)`` (line counted from 1)."""
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig" if allow_bom else "utf-8")
     except UnicodeDecodeError as err:
-        line = data[:err.start].count(b"\n") + 1
-        raise UserInputError(f"{what} {str(path)!r} is not UTF-8 text (byte {err.start}, line {line}): save it as "
-                             f"UTF-8") from None
+        raise error(data[:err.start].count(b"\n") + 1, err.start) from None
 
 
 def read_yaml_mapping(path: str | os.PathLike, what: str = "recipe") -> dict[str, Any]:

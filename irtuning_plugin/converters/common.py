@@ -26,6 +26,7 @@ from irtuning_plugin.assets.data_folder import (  # noqa: F401 (SPLITS, sha256_o
     write_data_folder,
 )
 from irtuning_plugin.revision_task import RevisionTask
+from irtuning_plugin.user_input import decode_utf8
 
 LOG = logging.getLogger(__name__)
 
@@ -81,12 +82,9 @@ def make_record(task: RevisionTask, rid: str, source_id: str, label: str, origin
 def read_utf8(path: Path) -> str:
     """The text of ``path`` (a UTF-8 byte-order mark is allowed); not UTF-8: one line naming the line and byte."""
     data = path.read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = data[:err.start].count(b"\n") + 1
-        raise ConversionError(f"{path.name} line {line}: not UTF-8 (byte 0x{data[err.start]:02x} at offset "
-                              f"{err.start}); save the file as UTF-8 and convert again") from None
+    return decode_utf8(data, lambda line, at: ConversionError(
+        f"{path.name} line {line}: not UTF-8 (byte 0x{data[at]:02x} at offset {at}); save the file as UTF-8 and "
+        f"convert again"), allow_bom=True)
 
 
 def check_output(out_dir: str | Path, src: str | Path, force: bool) -> None:
