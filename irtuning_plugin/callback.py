@@ -59,6 +59,7 @@ class LayerSelectionCallback(TrainerCallback):
         self.not_written: list[dict] = []  # {"file", "error"} of each of our files a write failed for
         self._resume_note: dict | None = None  # settings changed on this resume: noted in the next log row
         self._log_failed = False  # the per-step log write failed: no more writes until train end
+        self._filled_for_save: list = []  # FSDP2: parameters given AdamW's initial state for the next save
         if trainer is not None:
             self._capture_resume_argument(trainer)
 
@@ -141,6 +142,8 @@ class LayerSelectionCallback(TrainerCallback):
                         "ones as the reference does", args.max_grad_norm)
         self._is_main = bool(getattr(state, "is_world_process_zero", True))
         self._check_ddp()
+        if self.engine.sharded:  # the initial states a checkpoint's save filled in (see _fill_for_save)
+            self.engine.drop_initial_optimizer_state(optimizer=optimizer)
         saved = self._load_checkpoint_state(args, state)
         self.engine.begin(optimizer, train_dataloader, state=saved["engine"] if saved else None,
                           state_source=saved["file"] if saved else None)
@@ -285,7 +288,26 @@ class LayerSelectionCallback(TrainerCallback):
                     ", ".join(str(c) for c in self._checkpoint_candidates(args, state)) or "nowhere")
         return None
 
+    def _fill_for_save(self, step: int) -> None:
+        """FSDP2: accelerate saves and loads the optimizer with torch.distributed.checkpoint, whose load
+        wants every parameter's state; a layer that never trained (or whose state ``drop`` deleted) has none.
+        Give those AdamW's initial state (which steps exactly as none) for the save; on_save deletes it."""
+        self._filled_for_save = self.engine.fill_initial_optimizer_state()
+        missing = {id(p) for p in self.engine.stateless_optimizer_params()}
+        if missing:  # not Adam/AdamW: the initial state is not known
+            layers = [i for i, ps in enumerate(self.engine.layer_map.params) if any(id(p) in missing for p in ps)]
+            LOG.warning("irtuning: the checkpoint of step %d cannot be resumed under FSDP2: %d parameters (layers "
+                        "%s) have no optimizer state and %s is not Adam/AdamW, whose initial state irtuning fills "
+                        "in for the save; use AdamW, or irtuning_strategy: all", step, len(missing), layers,
+                        type(self.engine.optimizer).__name__)
+
+    def _drop_filled(self) -> None:
+        if self._filled_for_save:
+            self.engine.drop_initial_optimizer_state(self._filled_for_save)
+            self._filled_for_save = []
+
     def on_save(self, args, state, control, **kwargs):
+        self._drop_filled()  # every rank, before anything else
         if self.engine is None or not self.engine.started or not self._is_main or not args.output_dir:
             return control
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -316,6 +338,10 @@ class LayerSelectionCallback(TrainerCallback):
         self.rows.append(row)
         if self._jsonl is not None:
             self._append_log_row(row)
+        if self.engine.sharded:
+            self._drop_filled()  # a save that did not happen after all: its states go (any that stepped stay)
+            if control.should_save:  # set by the Trainer's flow callback, which runs before this one
+                self._fill_for_save(state.global_step)
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -325,6 +351,7 @@ class LayerSelectionCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.engine is not None:
+            self._drop_filled()
             self.engine.close()
         if self._label_logits_hook is not None:
             self._label_logits_hook.remove()

@@ -341,6 +341,58 @@ class LayerSelectionEngine:
                                  f"which must never train: {_STATE_ADVICE}")
         return restart or bool(below)
 
+    # ---- FSDP2 checkpoints: every optimizer key present -------------------------------------------------
+    @property
+    def sharded(self) -> bool:
+        """The selectable parameters are FSDP2 (``fully_shard``) DTensors."""
+        return self._copies is not None
+
+    def stateless_optimizer_params(self, optimizer: Any = None) -> list[torch.Tensor]:
+        """The optimizer's parameters that hold no state now (never trained, or their state dropped)."""
+        opt = getattr(optimizer, "optimizer", optimizer) if optimizer is not None else self.optimizer
+        return [p for g in opt.param_groups for p in g["params"] if not opt.state.get(p)]
+
+    def fill_initial_optimizer_state(self) -> list[torch.Tensor]:
+        """Give each optimizer parameter without state the state Adam/AdamW would create on its first step
+        (``_init_group``: ``step`` 0, zero ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq`` like the parameter),
+        which steps exactly as no state does. torch.distributed.checkpoint's load (accelerate's FSDP2 resume)
+        needs every parameter's keys in the checkpoint; call this just before the save and
+        :meth:`drop_initial_optimizer_state` just after. Returns the parameters filled in; for an optimizer
+        that is not Adam/AdamW, fills nothing and returns []."""
+        if not isinstance(self.optimizer, torch.optim.Adam):  # AdamW derives from Adam
+            return []
+        from torch.optim.optimizer import _get_scalar_dtype
+
+        filled = []
+        for group in self.optimizer.param_groups:
+            on_device = group.get("capturable") or group.get("fused")
+            for p in group["params"]:
+                if self.optimizer.state.get(p):
+                    continue
+                st = self.optimizer.state[p]
+                st["step"] = (torch.zeros((), dtype=_get_scalar_dtype(is_fused=group.get("fused")), device=p.device)
+                              if on_device else torch.tensor(0.0, dtype=_get_scalar_dtype(), device="cpu"))
+                moments = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group.get("amsgrad") else ("exp_avg", "exp_avg_sq")
+                for key in moments:
+                    st[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                filled.append(p)
+        return filled
+
+    def drop_initial_optimizer_state(self, params: list[torch.Tensor] | None = None, optimizer: Any = None) -> int:
+        """Delete the optimizer state of ``params`` (default: every optimizer parameter) whose ``step`` is
+        still 0: a state no optimizer step touched, which is the same as none (the initial state that
+        :meth:`fill_initial_optimizer_state` made for a save, or a resumed checkpoint holds). Returns how many."""
+        opt = getattr(optimizer, "optimizer", optimizer) if optimizer is not None else self.optimizer
+        if params is None:
+            params = [p for g in opt.param_groups for p in g["params"]]
+        dropped = 0
+        for p in params:
+            step = opt.state.get(p, {}).get("step")
+            if step is not None and float(step) == 0.0:
+                del opt.state[p]
+                dropped += 1
+        return dropped
+
     # ---- per step -----------------------------------------------------------------------------
     def collect_scores(self, *, step_skipped: bool = False) -> torch.Tensor:
         """Score every layer that has gradients now; others keep their last (stale) score.

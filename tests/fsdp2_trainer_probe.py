@@ -65,6 +65,10 @@ class RankDump(TrainerCallback):
             "global_step": state.global_step,
             "rows": [{k: v for k, v in r.items() if k not in TIMING} for r in selection.rows],
             "resumes": selection.resumes,
+            # the layers whose optimizer state this rank holds now (memory: as the uninterrupted run's)
+            "state_layers": [i for i, ps in enumerate(selection.engine.layer_map.params)
+                             if any(p in selection.engine.optimizer.state for p in ps)],
+            "memory_account": selection.engine.memory_account(),
         }))
 
 

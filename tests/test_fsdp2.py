@@ -153,6 +153,70 @@ def test_per_rank_signals_are_combined(sharded):
 
 
 
+@pytest.mark.parametrize("options", [{}, {"foreach": False}, {"amsgrad": True}, {"weight_decay": 0.1}],
+                         ids=["foreach", "for_loop", "amsgrad", "weight_decay"])
+def test_adamw_initial_state_steps_exactly_as_no_state(options):
+    """The state filled in for an FSDP2 save (step 0, zero moments) is the one AdamW creates itself, and the
+    next step from it gives bit-identical parameters and state to a step from no state."""
+    from irtuning_plugin.config import SelectionConfig
+    from irtuning_plugin.engine import LayerSelectionEngine
+
+    from helpers_tiny import tiny_peft_llama
+
+    runs = []
+    for fill in (False, True):
+        model = tiny_peft_llama(num_layers=4)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, **options)
+        engine = LayerSelectionEngine(model, SelectionConfig(strategy="fixed", strategy_options={"layers": [1, 2]}))
+        engine.begin(opt)
+        ids = torch.arange(24).reshape(2, 12) % 128
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()  # layers 1 and 2 now hold state; 0 and 3 (frozen) none
+        opt.zero_grad(set_to_none=True)
+        stateless = engine.stateless_optimizer_params()
+        assert stateless and all(opt.state.get(p) is None for p in stateless)
+        if fill:
+            assert engine.fill_initial_optimizer_state() == stateless
+            assert engine.stateless_optimizer_params() == []
+            made = {k: (v.dtype, v.device, tuple(v.shape)) for k, v in opt.state[stateless[0]].items()}
+        for p in model.parameters():  # every layer trains the next step: the filled ones step from step 0
+            p.requires_grad_(p in set(opt.param_groups[0]["params"]))
+        model(input_ids=ids.flip(1), labels=ids.flip(1)).loss.backward()
+        opt.step()
+        runs.append((model, opt, stateless))
+    (m0, o0, s0), (m1, o1, s1) = runs
+    for a, b in zip(m0.parameters(), m1.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(s0, s1, strict=True):
+        assert o0.state[a].keys() == o1.state[b].keys() and all(torch.equal(o0.state[a][k], o1.state[b][k])
+                                                               for k in o0.state[a])
+    # what AdamW made itself for a parameter that had none, the fill made too (dtype, device, shape)
+    assert made == {k: (v.dtype, v.device, tuple(v.shape)) for k, v in o0.state[s0[0]].items()}
+
+
+def test_initial_optimizer_state_is_dropped_again_and_only_it():
+    from irtuning_plugin.config import SelectionConfig
+    from irtuning_plugin.engine import LayerSelectionEngine
+
+    from helpers_tiny import tiny_peft_llama
+
+    model = tiny_peft_llama(num_layers=4)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    engine = LayerSelectionEngine(model, SelectionConfig(strategy="fixed", strategy_options={"layers": [1]}))
+    engine.begin(opt)
+    ids = torch.arange(24).reshape(2, 12) % 128
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    trained = [p for p in opt.param_groups[0]["params"] if opt.state.get(p)]
+    filled = engine.fill_initial_optimizer_state()
+    assert len(filled) + len(trained) == len(opt.param_groups[0]["params"])
+    assert engine.drop_initial_optimizer_state(filled) == len(filled)
+    assert [p for p in opt.param_groups[0]["params"] if opt.state.get(p)] == trained  # the stepped ones stay
+    engine.fill_initial_optimizer_state()
+    assert engine.drop_initial_optimizer_state() == len(filled)  # every step-0 state, none that stepped
+    assert engine.stateless_optimizer_params() == filled
+
+
 # ---- the plain-Trainer recipe under accelerate launch ------------------------------------------------
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "yaml_recipes" / "fsdp2"
 
@@ -181,7 +245,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_trainer_recipe_under_accelerate_fsdp2_and_its_resume(tmp_path, tiny_model_dir):
+def _text_data(tmp_path: Path) -> Path:
     import random
 
     rng = random.Random(0)
@@ -189,6 +253,11 @@ def test_trainer_recipe_under_accelerate_fsdp2_and_its_resume(tmp_path, tiny_mod
     data = tmp_path / "text.jsonl"
     data.write_text("".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(8, 20)))}) + "\n"
                             for _ in range(64)))
+    return data
+
+
+def test_trainer_recipe_under_accelerate_fsdp2_and_its_resume(tmp_path, tiny_model_dir):
+    data = _text_data(tmp_path)
     out = tmp_path / "out"
     _launch(out, data, tiny_model_dir)
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -216,6 +285,35 @@ def test_trainer_recipe_under_accelerate_fsdp2_and_its_resume(tmp_path, tiny_mod
     assert resumed["rows"] == ranks[0]["rows"]
     again = torch.load(out / "rank0.pt", weights_only=True)
     assert all(torch.equal(again[k], weights[0][k]) for k in again)
+
+
+def test_trainer_resume_when_layers_have_no_optimizer_state_at_the_checkpoint(tmp_path, tiny_model_dir):
+    """lisa (2 of 8 layers, re-drawn every 2 steps, frozen state kept): at checkpoint-2 six layers never
+    trained and hold no AdamW state. The callback gives them AdamW's initial state (step 0, zero moments) for
+    the save and deletes it again after, so accelerate's sharded optimizer load finds every key, and the
+    resumed run selects, trains and holds optimizer state exactly as the uninterrupted one, on both ranks."""
+    data = _text_data(tmp_path)
+    out = tmp_path / "out"
+    lisa = ("--irtuning", "irtuning_strategy=lisa", "--irtuning", "irtuning_lisa_n_layers=2",
+            "--irtuning", "irtuning_lisa_interval=2")
+    _launch(out, data, tiny_model_dir, *lisa)
+    full = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    w_full = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    trained_by_2 = sorted({i for row in full[0]["rows"][:2] for i in row["active"]})
+    assert len(trained_by_2) == 2 and len(full[0]["state_layers"]) < 8  # some layers had no state at the save
+    for r in (0, 1):  # after the save, the filled-in states are gone: only layers that trained hold state
+        assert full[r]["state_layers"] == sorted({i for row in full[0]["rows"] for i in row["active"]})
+    ckpt = out / "checkpoint-2"
+    for r in (0, 1):
+        (out / f"rank{r}.json").rename(out / f"full{r}.json")
+    _launch(out, data, tiny_model_dir, *lisa, "--resume", str(ckpt))
+    for r in (0, 1):
+        resumed = json.loads((out / f"rank{r}.json").read_text())
+        assert resumed["resumes"] == [{"step": 2, "checkpoint": str(ckpt)}]
+        assert resumed["rows"] == full[r]["rows"] == full[0]["rows"]
+        assert resumed["state_layers"] == full[r]["state_layers"]
+        again = torch.load(out / f"rank{r}.pt", weights_only=True)
+        assert again.keys() == w_full[r].keys() and all(torch.equal(again[k], w_full[r][k]) for k in again)
 
 
 # ---- what is refused ---------------------------------------------------------------------------------
