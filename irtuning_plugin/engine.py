@@ -594,13 +594,16 @@ class LayerSelectionEngine:
         cpu`` keeps off the training device (the state of frozen layers). It lies in ``*_host``; on a
         CPU-only machine the move changes nothing, and this key still tells that state from what stays.
         ``offload_host_buffer_bytes``: the host buffers ``cpu`` holds (pinned on CUDA machines), one per state
-        tensor that ever left the device: the frozen layers' state lives in them, the rest wait for reuse."""
+        tensor that ever left the device: the frozen layers' state lives in them, the rest wait for reuse.
+        Under FSDP2 each rank counts what it holds: the local shards of DTensor parameters, gradients and
+        state."""
         out = {f"{what}_{where}": 0 for what in ("trainable_param_bytes", "grad_bytes", "optimizer_state_bytes")
                for where in ("accelerator", "host")}
         out["optimizer_state_bytes_offloaded"] = 0
         out["offload_host_buffer_bytes"] = self.offload.host_buffer_bytes() if self.offload is not None else 0
 
         def add(what: str, t: torch.Tensor) -> None:
+            t = local_part(t)
             out[f"{what}_{'host' if t.device.type == 'cpu' else 'accelerator'}"] += t.numel() * t.element_size()
 
         for p in self.model.parameters():
@@ -618,6 +621,7 @@ class LayerSelectionEngine:
                     if torch.is_tensor(v):
                         add("optimizer_state_bytes", v)
                         if id(p) in offloaded:
+                            v = local_part(v)
                             out["optimizer_state_bytes_offloaded"] += v.numel() * v.element_size()
         return out
 

@@ -273,6 +273,19 @@ def test_trainer_recipe_under_accelerate_fsdp2_and_its_resume(tmp_path, tiny_mod
     assert ranks[0]["rows"] == ranks[1]["rows"]
     assert len({tuple(r["active"]) for r in ranks[0]["rows"]}) > 1
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    # memory_account counts each rank's local shards: over both ranks, the whole tensors once (the state's
+    # scalar step is a plain tensor on every rank)
+    def whole(layers):
+        return sum(t.numel() * t.element_size() for k, t in weights[0].items()
+                   if any(f".layers.{i}." in k for i in layers))
+
+    def count(layers):
+        return sum(1 for k in weights[0] if any(f".layers.{i}." in k for i in layers))
+
+    mem = [info["memory_account"] for info in ranks]
+    assert [m["trainable_param_bytes_host"] for m in mem] == [whole(ranks[0]["rows"][-1]["next_active"]) / 2] * 2
+    assert sum(m["optimizer_state_bytes_host"] for m in mem) == (2 * whole(ranks[0]["state_layers"])
+                                                               + 2 * 4 * count(ranks[0]["state_layers"]))
     ckpt = out / "checkpoint-2"
     assert (ckpt / "irtuning_state.pt").is_file() and (ckpt / "optimizer_0").is_dir()  # sharded (DCP) state
 
@@ -287,22 +300,26 @@ def test_trainer_recipe_under_accelerate_fsdp2_and_its_resume(tmp_path, tiny_mod
     assert all(torch.equal(again[k], weights[0][k]) for k in again)
 
 
-def test_trainer_resume_when_layers_have_no_optimizer_state_at_the_checkpoint(tmp_path, tiny_model_dir):
-    """lisa (2 of 8 layers, re-drawn every 2 steps, frozen state kept): at checkpoint-2 six layers never
-    trained and hold no AdamW state. The callback gives them AdamW's initial state (step 0, zero moments) for
-    the save and deletes it again after, so accelerate's sharded optimizer load finds every key, and the
-    resumed run selects, trains and holds optimizer state exactly as the uninterrupted one, on both ranks."""
+@pytest.mark.parametrize("frozen_state", ["keep", "drop"])
+def test_trainer_resume_when_layers_have_no_optimizer_state_at_the_checkpoint(tmp_path, tiny_model_dir, frozen_state):
+    """lisa (2 of 8 layers, re-drawn every 2 steps): at checkpoint-2 six layers never trained (keep), or
+    every layer frozen at that step lost its state too (drop), so they hold no AdamW state. The callback
+    gives them AdamW's initial state (step 0, zero moments) for the save and deletes it again after, so
+    accelerate's sharded optimizer load finds every key, and the resumed run selects, trains and holds
+    optimizer state exactly as the uninterrupted one, on both ranks."""
     data = _text_data(tmp_path)
     out = tmp_path / "out"
     lisa = ("--irtuning", "irtuning_strategy=lisa", "--irtuning", "irtuning_lisa_n_layers=2",
-            "--irtuning", "irtuning_lisa_interval=2")
+            "--irtuning", "irtuning_lisa_interval=2", "--irtuning", f"irtuning_frozen_optimizer_state={frozen_state}")
     _launch(out, data, tiny_model_dir, *lisa)
     full = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     w_full = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     trained_by_2 = sorted({i for row in full[0]["rows"][:2] for i in row["active"]})
     assert len(trained_by_2) == 2 and len(full[0]["state_layers"]) < 8  # some layers had no state at the save
-    for r in (0, 1):  # after the save, the filled-in states are gone: only layers that trained hold state
-        assert full[r]["state_layers"] == sorted({i for row in full[0]["rows"] for i in row["active"]})
+    # after the save, the filled-in states are gone: only layers that trained hold state (drop: the last ones)
+    held = sorted({i for row in full[0]["rows"] for i in row["active"]} if frozen_state == "keep"
+                  else set(full[0]["rows"][-1]["active"]) & set(full[0]["rows"][-1]["next_active"]))
+    assert full[0]["state_layers"] == full[1]["state_layers"] == held
     ckpt = out / "checkpoint-2"
     for r in (0, 1):
         (out / f"rank{r}.json").rename(out / f"full{r}.json")
