@@ -217,6 +217,33 @@ def test_initial_optimizer_state_is_dropped_again_and_only_it():
     assert engine.stateless_optimizer_params() == filled
 
 
+def test_a_checkpoint_that_cannot_be_resumed_under_fsdp2_is_named_at_save_time(caplog):
+    """An optimizer other than Adam/AdamW: its initial state is not known, so nothing is filled in and the
+    save says, in one line, which layers lack state and what to do."""
+    from irtuning_plugin.callback import LayerSelectionCallback
+    from irtuning_plugin.config import SelectionConfig
+    from irtuning_plugin.engine import LayerSelectionEngine
+
+    from helpers_tiny import tiny_peft_llama
+
+    model = tiny_peft_llama(num_layers=4)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2, momentum=0.9)
+    config = SelectionConfig(strategy="fixed", strategy_options={"layers": [1]})
+    engine = LayerSelectionEngine(model, config)
+    engine.begin(opt)
+    ids = torch.arange(24).reshape(2, 12) % 128
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    cb = LayerSelectionCallback(config, model, engine=engine)
+    with caplog.at_level("WARNING", logger="irtuning_plugin.callback"):
+        cb._fill_for_save(2)
+    assert cb._filled_for_save == [] and len(opt.state) == len(engine.layer_map.params[1])
+    (record,) = caplog.records
+    assert record.getMessage().startswith("irtuning: the checkpoint of step 2 cannot be resumed under FSDP2: ")
+    assert "(layers [0, 2, 3]) have no optimizer state and SGD is not Adam/AdamW" in record.getMessage()
+    assert "use AdamW" in record.getMessage()
+
+
 # ---- the plain-Trainer recipe under accelerate launch ------------------------------------------------
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "yaml_recipes" / "fsdp2"
 
