@@ -48,8 +48,8 @@ AXOLOTL_ENV = {"AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE":
 
 
 def _cmd_prepare(args) -> int:
-    from irtuning_plugin.assets.models import prepare_smollm2, prepare_tiny_llama
-    from irtuning_plugin.assets.references import revision_data_dir
+    from irtuning_plugin.tasks.assets.models import prepare_smollm2, prepare_tiny_llama
+    from irtuning_plugin.tasks.assets.references import revision_data_dir
 
     print(f"model  {prepare_smollm2()}")
     if args.tiny:
@@ -59,7 +59,7 @@ def _cmd_prepare(args) -> int:
 
 
 def _load_split(split: str, limit: int | None, data_dir: str | None = None) -> list[dict]:
-    from irtuning_plugin.assets.references import revision_data_dir
+    from irtuning_plugin.tasks.assets.references import revision_data_dir
 
     path = Path(data_dir) if data_dir else revision_data_dir()
     rows = [json.loads(line) for line in open(path / f"{split}.jsonl", encoding="utf-8") if line.strip()]
@@ -70,15 +70,15 @@ def _evaluate(model_path: str, adapter: str | None, split: str, limit: int | Non
               full: bool = False):
     """EvalResult of either setup (completion or classifier, found from the trained folder) on a data folder;
     with ``full`` also the run facts and the records."""
-    from irtuning_plugin.assets.references import revision_data_dir
-    from irtuning_plugin.evaluation import evaluate_data
+    from irtuning_plugin.tasks.assets.references import revision_data_dir
+    from irtuning_plugin.tasks.evaluation import evaluate_data
 
     res, meta, records = evaluate_data(model_path, adapter, data_dir or revision_data_dir(), split, limit)
     return (res, meta, records) if full else res
 
 
 def _cmd_eval(args) -> int:
-    from irtuning_plugin.evaluation import format_report, write_report
+    from irtuning_plugin.tasks.evaluation import format_report, write_report
 
     model = model_location(args.model)
     if args.adapter is not None:
@@ -87,7 +87,7 @@ def _cmd_eval(args) -> int:
         existing_dir(args.data, "--data")
     res, meta, records = _evaluate(model, args.adapter, args.split, args.limit, args.data, full=True)
     print(format_report(res, title=f"{meta['setup']} on {meta['task']} {args.split} ({meta['data']})"))
-    from irtuning_plugin.seq_classification import is_seq_cls_output
+    from irtuning_plugin.tasks.seq_classification import is_seq_cls_output
 
     trained = args.adapter or (args.model if is_seq_cls_output(args.model) else ".")
     report_dir = Path(args.report_dir) if args.report_dir else Path(trained) / f"eval-{args.split}"
@@ -170,7 +170,7 @@ def demo_train_command(recipe, launcher: str, max_steps: int | None = None) -> l
 
 
 def _cmd_demo(args) -> int:
-    from irtuning_plugin.assets.references import resolve_asset_references
+    from irtuning_plugin.tasks.assets.references import resolve_asset_references
 
     recipe = Path(args.recipe)
     cfg = read_yaml_mapping(recipe)
@@ -224,9 +224,9 @@ def demo_table(before, after) -> str:
 def _cmd_train_seqcls(args) -> int:
     import yaml
 
-    from irtuning_plugin.assets.references import revision_data_dir
     from irtuning_plugin.config import config_from_flat
-    from irtuning_plugin.seq_classification import SeqClsSettings, train_seq_cls
+    from irtuning_plugin.tasks.assets.references import revision_data_dir
+    from irtuning_plugin.tasks.seq_classification import SeqClsSettings, train_seq_cls
 
     flat = {"irtuning_strategy": args.strategy, "irtuning_scope": "full" if args.full else "adapter"}
     for item in args.set:
@@ -256,7 +256,7 @@ def _cmd_train_seqcls(args) -> int:
 
 
 def _cmd_convert(args) -> int:
-    from irtuning_plugin.converters import CONVERTERS, ConversionError
+    from irtuning_plugin.tasks.converters import CONVERTERS, ConversionError
 
     kwargs = {"seed": args.seed} if args.dataset == "argrevision" else {}
     if not Path(args.src).expanduser().exists():

@@ -100,7 +100,7 @@ def model_location(value: str, what: str = "--model") -> str:
     """A local model folder, an ``irtuning://`` reference (resolved, building the asset on first use), or a
     hub id (left to transformers); a path that does not exist is named here instead of reaching the hub
     client as a malformed repo id."""
-    from irtuning_plugin.assets.references import SCHEME, resolve_reference
+    from irtuning_plugin.tasks.assets.references import SCHEME, resolve_reference
 
     if value.startswith(SCHEME):
         try:

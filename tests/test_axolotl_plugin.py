@@ -87,7 +87,7 @@ def run_axolotl(tmp_path, cfg, launcher="python", extra=()):
 
 
 def slice_of_train(tmp_path, n):
-    from irtuning_plugin.assets.references import revision_data_dir
+    from irtuning_plugin.tasks.assets.references import revision_data_dir
 
     rows = (revision_data_dir() / "train.jsonl").read_text().splitlines()[:n]
     out = tmp_path / "slice.jsonl"

@@ -12,8 +12,8 @@ sys.path.insert(0, str(BENCH))
 
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir):
-    from irtuning_plugin.assets.references import revision_data_dir
     from irtuning_plugin.strategies import registered_strategies
+    from irtuning_plugin.tasks.assets.references import revision_data_dir
 
     from run_comparison import DEFAULT_OPTIONS
     from strategy_bench import run_strategy

@@ -1,8 +1,8 @@
 """The demo's closing table: per-class recall and F1 before and after training, and the overall line."""
 
 from irtuning_plugin.cli import demo_table, demo_train_command
-from irtuning_plugin.evaluation import classification_metrics
-from irtuning_plugin.revision_task import LABELS
+from irtuning_plugin.tasks.evaluation import classification_metrics
+from irtuning_plugin.tasks.revision_task import LABELS
 
 
 def test_demo_table_reports_each_class_before_and_after():

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from irtuning_plugin.converters import ConversionError, convert_argrevision, convert_iterater
-from irtuning_plugin.converters.argrevision import reference_split
-from irtuning_plugin.converters.xlsx import read_first_sheet, write_simple_xlsx
-from irtuning_plugin.revision_task import ARGUMENT_PURPOSE, INTENTION, task_of_manifest
+from irtuning_plugin.tasks.converters import ConversionError, convert_argrevision, convert_iterater
+from irtuning_plugin.tasks.converters.argrevision import reference_split
+from irtuning_plugin.tasks.converters.xlsx import read_first_sheet, write_simple_xlsx
+from irtuning_plugin.tasks.revision_task import ARGUMENT_PURPOSE, INTENTION, task_of_manifest
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 ITERATER = FIXTURES / "iterater_human_sent"
@@ -182,7 +182,7 @@ def _snapshot(root: Path) -> dict[str, str]:
 def test_every_converter_takes_force_as_a_keyword():
     import inspect
 
-    from irtuning_plugin.converters import CONVERTERS
+    from irtuning_plugin.tasks.converters import CONVERTERS
 
     for name, fn in CONVERTERS.items():
         param = inspect.signature(fn).parameters["force"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from irtuning_plugin.assets import data_folder as df
+from irtuning_plugin.tasks.assets import data_folder as df
 
 OURS = ["manifest.json", "test.jsonl", "train.jsonl", "val.jsonl"]
 
@@ -154,8 +154,8 @@ def test_publish_folder_keeps_what_it_did_not_write(tmp_path):
 
 
 def test_builtin_data_builders_refuse_a_cache_folder_with_foreign_files(tmp_path):
-    from irtuning_plugin.assets import revision_data as rd
-    from irtuning_plugin.assets import tweet_sentiment_data as td
+    from irtuning_plugin.tasks.assets import revision_data as rd
+    from irtuning_plugin.tasks.assets import tweet_sentiment_data as td
 
     for build in (lambda out: rd.build_revision_dataset(out, pairs_per_label=2),
                   lambda out: td.build_tweet_dataset(out, source=tmp_path / "no-such-source.tar.gz")):
@@ -172,7 +172,7 @@ def test_builtin_data_builders_refuse_a_cache_folder_with_foreign_files(tmp_path
 
 
 def test_model_cache_rebuild_deletes_only_the_files_it_wrote(tmp_path):
-    from irtuning_plugin.assets import models
+    from irtuning_plugin.tasks.assets import models
 
     dest = tmp_path / "models" / "m"
     for content in ("one", "two"):

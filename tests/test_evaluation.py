@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from irtuning_plugin.evaluation import classification_metrics, label_logprobs, label_logprobs_naive
-from irtuning_plugin.revision_task import LABELS, format_prompt
+from irtuning_plugin.tasks.evaluation import classification_metrics, label_logprobs, label_logprobs_naive
+from irtuning_plugin.tasks.revision_task import LABELS, format_prompt
 
 
 def test_cached_label_scoring_equals_full_forward_scoring(tiny_model_dir):
@@ -36,7 +36,7 @@ def test_metrics_hand_computed():
 def test_report_table_json_and_png(tmp_path):
     import json
 
-    from irtuning_plugin.evaluation import format_report, write_report
+    from irtuning_plugin.tasks.evaluation import format_report, write_report
 
     gold = ["clarity", "clarity", "fluency", "style", "coherence", "meaning-changed"]
     pred = ["clarity", "fluency", "fluency", "clarity", "coherence", "style"]
@@ -64,7 +64,7 @@ def test_eval_cli_on_converted_data_with_both_setups(tmp_path, tiny_model_dir, c
     from pathlib import Path
 
     from irtuning_plugin.cli import main
-    from irtuning_plugin.seq_classification import class_logits, load_records, load_seq_cls_for_eval, prompt_of
+    from irtuning_plugin.tasks.seq_classification import class_logits, load_records, load_seq_cls_for_eval, prompt_of
 
     fixtures = Path(__file__).resolve().parent / "fixtures"
     assert main(["convert", "iterater", str(fixtures / "iterater_human_sent"), str(tmp_path / "it")]) == 0

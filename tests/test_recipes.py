@@ -151,7 +151,7 @@ VENV_BIN = str(Path(sys.executable).parent)
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory, tiny_model_dir):
     """All recipes, each trained 2 steps on the tiny model and converted ITERATER fixture data, in one process."""
-    from irtuning_plugin.converters import convert_iterater
+    from irtuning_plugin.tasks.converters import convert_iterater
 
     work = tmp_path_factory.mktemp("recipes")
     convert_iterater(ITERATER_FIXTURE, work / "data")
@@ -208,7 +208,7 @@ def test_recipe_trains_two_steps_with_the_tiny_model(tiny_runs, model, name):
 
 @pytest.mark.slow
 def test_a_recipe_trained_model_is_evaluated_on_converted_data(tiny_runs, tiny_model_dir):
-    from irtuning_plugin.evaluation import evaluate_data
+    from irtuning_plugin.tasks.evaluation import evaluate_data
 
     work, results = tiny_runs
     res, meta, records = evaluate_data(str(tiny_model_dir), str(work / "llama-3.1-8b-instruct--ir-lora"),

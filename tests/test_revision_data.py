@@ -10,8 +10,8 @@ from collections import Counter
 
 import pytest
 
-from irtuning_plugin.assets import revision_data as rd
-from irtuning_plugin.revision_task import LABELS, format_prompt, label_completion
+from irtuning_plugin.tasks.assets import revision_data as rd
+from irtuning_plugin.tasks.revision_task import LABELS, format_prompt, label_completion
 
 PAIRS = 80  # per label: small enough for a quick build, large enough to reach every rule
 FILES = ("train.jsonl", "val.jsonl", "test.jsonl", "manifest.json")
@@ -214,7 +214,7 @@ def test_output_bytes_are_pinned_per_seed(tmp_path, seed, pairs):
 
 
 def test_each_label_has_one_module_with_its_rules():
-    from irtuning_plugin.assets.revision_data import labels
+    from irtuning_plugin.tasks.assets.revision_data import labels
 
     assert set(rd.LABEL_MODULES) == set(LABELS)
     for label, module in rd.LABEL_MODULES.items():

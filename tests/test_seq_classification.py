@@ -9,8 +9,8 @@ import torch
 
 from irtuning_plugin.config import SelectionConfig
 from irtuning_plugin.layer_map import build_layer_map
-from irtuning_plugin.revision_task import INTENTION
-from irtuning_plugin.seq_classification import (
+from irtuning_plugin.tasks.revision_task import INTENTION
+from irtuning_plugin.tasks.seq_classification import (
     SETUP_FILE,
     SeqClsSettings,
     build_seq_cls_model,
@@ -32,7 +32,7 @@ OPTIONS = {"ist": {"first_update": 1, "update_every": 1, "estimation_batch": 4},
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
-    from irtuning_plugin.assets.references import revision_data_dir
+    from irtuning_plugin.tasks.assets.references import revision_data_dir
 
     src = revision_data_dir()
     out = tmp_path_factory.mktemp("seqcls-data")
@@ -63,7 +63,7 @@ def test_head_is_trained_outside_the_layer_map(tiny_model_dir):
 @pytest.mark.parametrize("strategy", ["ir", "ist", "lisa", "random", "salf", "all", "fixed"])
 def test_every_strategy_trains_the_head_and_only_selected_layers(tmp_path, tiny_model_dir, small_data, strategy,
                                                                  monkeypatch):
-    import irtuning_plugin.seq_classification as sc
+    import irtuning_plugin.tasks.seq_classification as sc
 
     built = {}
     real_build = sc.build_seq_cls_model
@@ -95,7 +95,7 @@ def test_every_strategy_trains_the_head_and_only_selected_layers(tmp_path, tiny_
 
 
 def test_saved_classifier_reloads_with_the_same_logits(tmp_path, tiny_model_dir, small_data):
-    import irtuning_plugin.seq_classification as sc
+    import irtuning_plugin.tasks.seq_classification as sc
 
     holder = {}
     real_build = sc.build_seq_cls_model
@@ -144,7 +144,7 @@ def test_salf_reads_a_classifier_through_its_head(tiny_model_dir, small_data):
     from transformers import DataCollatorWithPadding
 
     from irtuning_plugin.salf_calibration import CalibrationError, deviation_curve
-    from irtuning_plugin.seq_classification import PromptDataset
+    from irtuning_plugin.tasks.seq_classification import PromptDataset
 
     model, tok = build_seq_cls_model(str(tiny_model_dir), INTENTION, SMALL)
     records, task = load_records(small_data, "train")

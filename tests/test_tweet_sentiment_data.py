@@ -7,14 +7,14 @@ from collections import Counter
 
 import pytest
 
-from irtuning_plugin.assets import tweet_sentiment_data as td
+from irtuning_plugin.tasks.assets import tweet_sentiment_data as td
 
 FILES = ("manifest.json", "test.jsonl", "train.jsonl", "val.jsonl")
 
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
-    from irtuning_plugin.assets.models import cache_root
+    from irtuning_plugin.tasks.assets.models import cache_root
 
     return td.fetch_source(cache_root() / "sources")  # pip-downloaded once, SHA-256 checked
 
@@ -84,7 +84,7 @@ def test_a_tampered_source_is_refused(tmp_path):
 
 
 def test_reference_resolves_to_the_built_split(monkeypatch, tmp_path, source):
-    from irtuning_plugin.assets import references
+    from irtuning_plugin.tasks.assets import references
 
     (tmp_path / "sources").mkdir()
     (tmp_path / "sources" / td.SOURCE_SDIST).write_bytes(source.read_bytes())
@@ -98,7 +98,7 @@ def test_reference_resolves_to_the_built_split(monkeypatch, tmp_path, source):
 
 def test_evaluation_knows_the_task_of_a_built_folder(built):
     from irtuning_plugin import seq_classification as sc
-    from irtuning_plugin.revision_task import TWEET_SENTIMENT
+    from irtuning_plugin.tasks.revision_task import TWEET_SENTIMENT
 
     _, out, *_ = built
     records, task = sc.load_records(out, "val")

@@ -17,6 +17,6 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_model_dir():
-    from irtuning_plugin.assets.models import prepare_tiny_llama
+    from irtuning_plugin.tasks.assets.models import prepare_tiny_llama
 
     return prepare_tiny_llama()

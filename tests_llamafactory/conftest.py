@@ -12,13 +12,13 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_model_dir():
-    from irtuning_plugin.assets.models import prepare_tiny_llama
+    from irtuning_plugin.tasks.assets.models import prepare_tiny_llama
 
     return prepare_tiny_llama()
 
 
 @pytest.fixture(scope="session")
 def smollm2_dir():
-    from irtuning_plugin.assets.models import prepare_smollm2
+    from irtuning_plugin.tasks.assets.models import prepare_smollm2
 
     return prepare_smollm2()

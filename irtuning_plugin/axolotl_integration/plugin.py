@@ -35,8 +35,8 @@ class IRTuningPlugin(BasePlugin):
         return "irtuning_plugin.axolotl_integration.args.IRTuningArgs"
 
     def register(self, cfg):
-        from irtuning_plugin.assets.references import resolve_asset_references
         from irtuning_plugin.axolotl_integration.errors import install_concise_config_errors
+        from irtuning_plugin.tasks.assets.references import resolve_asset_references
 
         install_concise_config_errors()
         if plugin_active(cfg) and _first_instance(self):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from irtuning_plugin.assets.references import SPLITS, revision_data_dir
+from irtuning_plugin.tasks.assets.references import SPLITS, revision_data_dir
 
 SUBDIR = "llamafactory"
 DATASET_PREFIX = "revision_intention_"

@@ -151,7 +151,7 @@ def check_llamafactory_arguments(cfg: Mapping[str, Any]) -> None:
 
 def resolve_recipe(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Resolve ``irtuning://`` references (model, dataset folder) to the built-in assets."""
-    from irtuning_plugin.assets.references import DATA_NAME, SCHEME, resolve_reference
+    from irtuning_plugin.tasks.assets.references import DATA_NAME, SCHEME, resolve_reference
 
     out = dict(cfg)
     for key in ("model_name_or_path", "tokenizer_name_or_path"):

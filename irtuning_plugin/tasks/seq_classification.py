@@ -5,7 +5,7 @@ hidden state of the last non-padding token) on the instruction prompt. This modu
 a plain transformers ``Trainer`` with our callback, beside the completion setup of the Axolotl recipes
 (the label trained as the prompt's continuation, scored at evaluation):
 
-    from irtuning_plugin.seq_classification import SeqClsSettings, train_seq_cls
+    from irtuning_plugin.tasks.seq_classification import SeqClsSettings, train_seq_cls
     train_seq_cls("meta-llama/Llama-3.1-8B-Instruct", "data/iterater", "outputs/seqcls-ir",
                   selection=SelectionConfig(strategy="ir"), settings=SeqClsSettings())
 
@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from irtuning_plugin.revision_task import RevisionTask, task_of_manifest
+from irtuning_plugin.tasks.revision_task import RevisionTask, task_of_manifest
 
 LOG = logging.getLogger(__name__)
 

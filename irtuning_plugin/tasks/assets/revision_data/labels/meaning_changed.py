@@ -12,9 +12,9 @@ from __future__ import annotations
 import re
 from typing import Callable
 
-from irtuning_plugin.assets.revision_data.edits import DETERMINERS, WHOLE_WORD, Edit, bounded, match_case
-from irtuning_plugin.assets.revision_data.lexicons import Lexicons
-from irtuning_plugin.assets.revision_data.sources import WORD, Sentence
+from irtuning_plugin.tasks.assets.revision_data.edits import DETERMINERS, WHOLE_WORD, Edit, bounded, match_case
+from irtuning_plugin.tasks.assets.revision_data.lexicons import Lexicons
+from irtuning_plugin.tasks.assets.revision_data.sources import WORD, Sentence
 
 LABEL = "meaning-changed"
 RULES = {"negation": 1.0, "number": 1.0, "antonym": 1.0}

@@ -63,7 +63,7 @@ ARGUMENT_PURPOSE = RevisionTask(
              "Original: {original}\nRevised: {revised}\nPurpose:",
 )
 
-# The second benchmark task (assets/tweet_sentiment_data.py, human-rated tweets): one text, not a revision
+# The second benchmark task (tasks/assets/tweet_sentiment_data.py, human-rated tweets): one text, not a revision
 # pair. Its records always carry their prompt segment, which evaluation reads; where a prompt has to be
 # rebuilt, ``original`` stands for the tweet.
 TWEET_SENTIMENT = RevisionTask(

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from irtuning_plugin.assets.revision_data.labels import clarity, coherence, fluency, meaning_changed, style
-from irtuning_plugin.revision_task import LABELS
+from irtuning_plugin.tasks.assets.revision_data.labels import clarity, coherence, fluency, meaning_changed, style
+from irtuning_plugin.tasks.revision_task import LABELS
 
 # Labels pick their sentences in this order, the one with the fewest usable sentences first
 # (the order is part of what a seed means: changing it changes every pair).

@@ -11,9 +11,16 @@ from __future__ import annotations
 import re
 from typing import Callable
 
-from irtuning_plugin.assets.revision_data.edits import DETERMINERS, PHRASE_END, SUBJECTS, Edit, PhraseLexicon, prev_word
-from irtuning_plugin.assets.revision_data.lexicons import Lexicons
-from irtuning_plugin.assets.revision_data.sources import Sentence
+from irtuning_plugin.tasks.assets.revision_data.edits import (
+    DETERMINERS,
+    PHRASE_END,
+    SUBJECTS,
+    Edit,
+    PhraseLexicon,
+    prev_word,
+)
+from irtuning_plugin.tasks.assets.revision_data.lexicons import Lexicons
+from irtuning_plugin.tasks.assets.revision_data.sources import Sentence
 
 LABEL = "clarity"
 RULES = {"redundancy": 3.0, "positive-form": 1.0}

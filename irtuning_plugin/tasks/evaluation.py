@@ -4,7 +4,7 @@
   of the prompt; the best one wins. Prompt and label strings are tokenized exactly as Axolotl's
   ``input_output`` format tokenizes the training segments (each segment on its own, no special tokens
   added), so evaluation sees the same token boundaries as training.
-* Classifier setup (:mod:`irtuning_plugin.seq_classification`): the head's argmax.
+* Classifier setup (:mod:`irtuning_plugin.tasks.seq_classification`): the head's argmax.
 
 :func:`evaluate_data` picks the setup from the trained folder (``irtuning_seq_cls.json`` marks a
 classifier) and the labels and prompts from the data folder (its manifest and each record's first
@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from irtuning_plugin.revision_task import INTENTION, LABELS, RevisionTask, completion_text
+from irtuning_plugin.tasks.revision_task import INTENTION, LABELS, RevisionTask, completion_text
 
 LOG = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ def label_logprobs(model, tokenizer, prompts: Sequence[str], labels: Sequence[st
 def evaluate_records(model, tokenizer, records: Sequence[dict], batch_size: int = 8,
                      task: RevisionTask = INTENTION) -> EvalResult:
     """Label scoring of ``records`` with the completion model (prompts: each record's first segment)."""
-    from irtuning_plugin.seq_classification import prompt_of
+    from irtuning_plugin.tasks.seq_classification import prompt_of
 
     prompts = [prompt_of(r, task) for r in records]
     scores = label_logprobs(model, tokenizer, prompts, task.labels, batch_size=batch_size)

@@ -17,12 +17,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from irtuning_plugin.assets.data_folder import SPLITS, check_cache_folder, write_data_folder
-from irtuning_plugin.assets.revision_data.edits import Edit
-from irtuning_plugin.assets.revision_data.labels import LABEL_MODULES, RULES, SELECTION_ORDER
-from irtuning_plugin.assets.revision_data.lexicons import Lexicons, load_lexicons
-from irtuning_plugin.assets.revision_data.sources import WORD, RevisionDataError, Sentence, _version, load_sentences
-from irtuning_plugin.revision_task import LABELS, to_segments
+from irtuning_plugin.tasks.assets.data_folder import SPLITS, check_cache_folder, write_data_folder
+from irtuning_plugin.tasks.assets.revision_data.edits import Edit
+from irtuning_plugin.tasks.assets.revision_data.labels import LABEL_MODULES, RULES, SELECTION_ORDER
+from irtuning_plugin.tasks.assets.revision_data.lexicons import Lexicons, load_lexicons
+from irtuning_plugin.tasks.assets.revision_data.sources import (
+    WORD,
+    RevisionDataError,
+    Sentence,
+    _version,
+    load_sentences,
+)
+from irtuning_plugin.tasks.revision_task import LABELS, to_segments
 
 LOG = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from irtuning_plugin.assets.data_folder import SPLITS
-from irtuning_plugin.assets.models import cache_root, prepare_smollm2, prepare_tiny_llama
+from irtuning_plugin.tasks.assets.data_folder import SPLITS
+from irtuning_plugin.tasks.assets.models import cache_root, prepare_smollm2, prepare_tiny_llama
 
 LOG = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def revision_data_dir(cache: Path | None = None, seed: int = DEFAULT_DATA_SEED) 
     """The built-in revision-intention data set (built once per seed)."""
     import json
 
-    from irtuning_plugin.assets.revision_data import FORMAT_VERSION, build_revision_dataset
+    from irtuning_plugin.tasks.assets.revision_data import FORMAT_VERSION, build_revision_dataset
 
     dest = (cache or cache_root()) / "data" / f"{DATA_NAME}-seed{seed}"
     manifest = dest / "manifest.json"
@@ -45,7 +45,7 @@ def tweet_data_dir(cache: Path | None = None, seed: int = DEFAULT_DATA_SEED) -> 
     """The tweet-sentiment data set (human-rated tweets; built once per seed)."""
     import json
 
-    from irtuning_plugin.assets.tweet_sentiment_data import FORMAT_VERSION, TASK, build_tweet_dataset
+    from irtuning_plugin.tasks.assets.tweet_sentiment_data import FORMAT_VERSION, TASK, build_tweet_dataset
 
     root = cache or cache_root()
     dest = root / "data" / f"{TASK}-seed{seed}"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from irtuning_plugin.assets.revision_data.sources import PINNED, RevisionDataError, _need, _package_dir
+from irtuning_plugin.tasks.assets.revision_data.sources import PINNED, RevisionDataError, _need, _package_dir
 
 _PLAIN = re.compile(r"^[A-Za-z][A-Za-z' -]*[A-Za-z]$")
 

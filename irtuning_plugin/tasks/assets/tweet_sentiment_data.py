@@ -30,7 +30,7 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
-from irtuning_plugin.assets.data_folder import SPLITS, check_cache_folder, sha256_of, write_data_folder
+from irtuning_plugin.tasks.assets.data_folder import SPLITS, check_cache_folder, sha256_of, write_data_folder
 
 LOG = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def build_tweet_dataset(out_dir: str | Path, *, seed: int = DEFAULT_SEED, source
     whole; one holding anything else is refused before any work, nothing deleted); return the manifest."""
     check_cache_folder(out_dir)
     if source is None:
-        from irtuning_plugin.assets.models import cache_root
+        from irtuning_plugin.tasks.assets.models import cache_root
 
         source = fetch_source(Path(cache) if cache else cache_root() / "sources")
     source = Path(source)

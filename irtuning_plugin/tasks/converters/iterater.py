@@ -18,14 +18,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from irtuning_plugin.converters.common import (
+from irtuning_plugin.tasks.converters.common import (
     ConversionError,
     ConvertedSplit,
     check_output,
     read_utf8,
     write_converted,
 )
-from irtuning_plugin.revision_task import INTENTION
+from irtuning_plugin.tasks.revision_task import INTENTION
 
 FILES = {"train": "train.json", "val": "dev.json", "test": "test.json"}
 COLUMNS = ("before_sent", "before_sent_with_intent", "after_sent", "labels", "doc_id", "revision_depth")

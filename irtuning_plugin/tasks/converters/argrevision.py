@@ -29,15 +29,15 @@ from pathlib import Path
 
 import numpy as np
 
-from irtuning_plugin.converters.common import (
+from irtuning_plugin.tasks.converters.common import (
     ConversionError,
     ConvertedSplit,
     check_output,
     read_utf8,
     write_converted,
 )
-from irtuning_plugin.converters.xlsx import XlsxError, read_first_sheet
-from irtuning_plugin.revision_task import ARGUMENT_PURPOSE
+from irtuning_plugin.tasks.converters.xlsx import XlsxError, read_first_sheet
+from irtuning_plugin.tasks.revision_task import ARGUMENT_PURPOSE
 
 COLUMNS = ("old_sentences", "new_sentences", "purpose_labels")
 LABEL_MAP = {

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-from irtuning_plugin.assets.revision_data.edits import DETERMINERS, Edit, PhraseLexicon
-from irtuning_plugin.assets.revision_data.lexicons import Lexicons
-from irtuning_plugin.assets.revision_data.sources import Sentence
+from irtuning_plugin.tasks.assets.revision_data.edits import DETERMINERS, Edit, PhraseLexicon
+from irtuning_plugin.tasks.assets.revision_data.lexicons import Lexicons
+from irtuning_plugin.tasks.assets.revision_data.sources import Sentence
 
 LABEL = "style"
 RULES = {"needless-variant": 2.0, "informal-register": 2.0, "british-spelling": 1.0}

@@ -16,7 +16,7 @@ Same seed and same package versions give byte-identical files (tests/test_revisi
 hashes).
 """
 
-from irtuning_plugin.assets.revision_data.build import (
+from irtuning_plugin.tasks.assets.revision_data.build import (
     DEFAULT_SEED,
     FORMAT_VERSION,
     SPLITS,
@@ -24,10 +24,10 @@ from irtuning_plugin.assets.revision_data.build import (
     load_manifest,
     load_split,
 )
-from irtuning_plugin.assets.revision_data.edits import Edit
-from irtuning_plugin.assets.revision_data.labels import LABEL_MODULES, RULES
-from irtuning_plugin.assets.revision_data.lexicons import Lexicons, codespell_dictionary_path, load_lexicons
-from irtuning_plugin.assets.revision_data.sources import (
+from irtuning_plugin.tasks.assets.revision_data.edits import Edit
+from irtuning_plugin.tasks.assets.revision_data.labels import LABEL_MODULES, RULES
+from irtuning_plugin.tasks.assets.revision_data.lexicons import Lexicons, codespell_dictionary_path, load_lexicons
+from irtuning_plugin.tasks.assets.revision_data.sources import (
     PINNED,
     SOURCE_FILES,
     RevisionDataError,

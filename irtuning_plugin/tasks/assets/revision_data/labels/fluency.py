@@ -10,9 +10,9 @@ from __future__ import annotations
 import re
 from typing import Callable
 
-from irtuning_plugin.assets.revision_data.edits import WHOLE_WORD, Edit, match_case
-from irtuning_plugin.assets.revision_data.lexicons import Lexicons
-from irtuning_plugin.assets.revision_data.sources import Sentence
+from irtuning_plugin.tasks.assets.revision_data.edits import WHOLE_WORD, Edit, match_case
+from irtuning_plugin.tasks.assets.revision_data.lexicons import Lexicons
+from irtuning_plugin.tasks.assets.revision_data.sources import Sentence
 
 LABEL = "fluency"
 # rule -> relative weight: rules are used in proportion to their weights where they apply

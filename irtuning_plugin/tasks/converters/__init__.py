@@ -3,9 +3,9 @@
 One module per data set; each writes the same folder layout as the built-in data (see ``common``).
 """
 
-from irtuning_plugin.converters.argrevision import convert_argrevision
-from irtuning_plugin.converters.common import ConversionError
-from irtuning_plugin.converters.iterater import convert_iterater
+from irtuning_plugin.tasks.converters.argrevision import convert_argrevision
+from irtuning_plugin.tasks.converters.common import ConversionError
+from irtuning_plugin.tasks.converters.iterater import convert_iterater
 
 CONVERTERS = {"iterater": convert_iterater, "argrevision": convert_argrevision}
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 import re
 from typing import Callable
 
-from irtuning_plugin.assets.revision_data.edits import Edit
-from irtuning_plugin.assets.revision_data.lexicons import Lexicons
-from irtuning_plugin.assets.revision_data.sources import WORD, Sentence
+from irtuning_plugin.tasks.assets.revision_data.edits import Edit
+from irtuning_plugin.tasks.assets.revision_data.lexicons import Lexicons
+from irtuning_plugin.tasks.assets.revision_data.sources import WORD, Sentence
 
 LABEL = "coherence"
 RULES = {"connective-restored": 1.0, "connective-swapped": 1.0, "connective-dropped": 1.0}

@@ -18,14 +18,14 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from irtuning_plugin.assets.data_folder import (  # noqa: F401 (SPLITS, sha256_of re-exported)
+from irtuning_plugin.tasks.assets.data_folder import (  # noqa: F401 (SPLITS, sha256_of re-exported)
     SPLITS,
     DataFolderError,
     check_output_folder,
     sha256_of,
     write_data_folder,
 )
-from irtuning_plugin.revision_task import RevisionTask
+from irtuning_plugin.tasks.revision_task import RevisionTask
 from irtuning_plugin.user_input import decode_utf8
 
 LOG = logging.getLogger(__name__)
