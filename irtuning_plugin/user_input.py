@@ -96,12 +96,14 @@ def looks_like_hub_id(value: str) -> bool:
     return bool(_HUB_ID.fullmatch(value)) and not value.startswith(".")
 
 
-def model_location(value: str, what: str = "--model") -> str:
-    """A local model folder, an ``irtuning://`` reference (resolved, building the asset on first use), or a
-    hub id (left to transformers); a path that does not exist is named here instead of reaching the hub
-    client as a malformed repo id."""
-    from irtuning_plugin.tasks.assets.references import SCHEME, resolve_reference
+def model_location(value: str, what: str = "--model", resolve: Callable[[str], str] | None = None) -> str:
+    """A local model folder, an ``irtuning://`` reference, or a hub id (left to transformers); a path that
+    does not exist is named here instead of reaching the hub client as a malformed repo id. A reference goes
+    through ``resolve`` (the task commands pass one that builds the asset on first use); by default it must
+    be built already."""
+    from irtuning_plugin.references import SCHEME, built_path
 
+    resolve_reference = resolve or built_path
     if value.startswith(SCHEME):
         try:
             return resolve_reference(value)

@@ -19,6 +19,17 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end runs (axolotl train, SmolLM2)")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def built_in_assets():
+    """Recipes in these tests name irtuning:// assets, which the Axolotl plugin and the LLaMA-Factory
+    launcher resolve only once built (`irtuning prepare` builds them): the session builds them first."""
+    from irtuning_plugin.tasks.assets.llamafactory_data import llamafactory_dataset_dir
+    from irtuning_plugin.tasks.assets.models import prepare_tiny_llama
+
+    prepare_tiny_llama()
+    llamafactory_dataset_dir()  # the revision-intention data, then its LLaMA-Factory copy
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir():
     from irtuning_plugin.tasks.assets.models import prepare_tiny_llama

@@ -121,8 +121,10 @@ def test_there_are_numeric_options_to_walk():
 @pytest.mark.parametrize("steps", [0, -5])
 def test_demo_refuses_max_steps_below_one(steps):
     # before: 0 trained the recipe's 300 steps (`if max_steps:`), -5 reached Axolotl as a step count
+    from irtuning_plugin.tasks.commands import demo_train_command
+
     with pytest.raises(cli.UserInputError, match=r"--max-steps=.*>= 1"):
-        cli.demo_train_command("recipe.yaml", "python", steps)
+        demo_train_command("recipe.yaml", "python", steps)
     with pytest.raises(argparse.ArgumentTypeError, match="allowed: >= 1"):
         next(a for a in _subparsers()["demo"]._actions if a.dest == "max_steps").type(str(steps))
 

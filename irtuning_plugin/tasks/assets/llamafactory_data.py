@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from irtuning_plugin.tasks.assets.references import SPLITS, revision_data_dir
+from irtuning_plugin.references import LLAMAFACTORY_SOURCE_STAMP, LLAMAFACTORY_SUBDIR, SPLITS
+from irtuning_plugin.tasks.assets.references import revision_data_dir
 
-SUBDIR = "llamafactory"
+SUBDIR = LLAMAFACTORY_SUBDIR
 DATASET_PREFIX = "revision_intention_"
-_STAMP = ".irtuning-source"
+_STAMP = LLAMAFACTORY_SOURCE_STAMP
 
 
 def dataset_names() -> list[str]:
