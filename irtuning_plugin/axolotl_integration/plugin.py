@@ -8,6 +8,7 @@ from axolotl.integrations.base import BasePlugin
 
 from irtuning_plugin.axolotl_integration.args import plugin_active
 from irtuning_plugin.config import config_from_flat
+from irtuning_plugin.references import resolve_axolotl_references
 
 # Axolotl's console handler passes INFO records only from loggers named axolotl.*: the few lines a user
 # must see (strategy, layer map, backprop cut) go through this one.
@@ -36,11 +37,11 @@ class IRTuningPlugin(BasePlugin):
 
     def register(self, cfg):
         from irtuning_plugin.axolotl_integration.errors import install_concise_config_errors
-        from irtuning_plugin.tasks.assets.references import resolve_asset_references
 
         install_concise_config_errors()
         if plugin_active(cfg) and _first_instance(self):
-            resolve_asset_references(cfg)
+            # irtuning:// names a built-in asset; the plugin never builds one (`irtuning prepare` does).
+            resolve_axolotl_references(cfg)
 
     def pre_lora_load(self, cfg, model):
         if plugin_active(cfg) and _first_instance(self):

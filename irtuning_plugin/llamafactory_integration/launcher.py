@@ -150,20 +150,24 @@ def check_llamafactory_arguments(cfg: Mapping[str, Any]) -> None:
 
 
 def resolve_recipe(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Resolve ``irtuning://`` references (model, dataset folder) to the built-in assets."""
-    from irtuning_plugin.tasks.assets.references import DATA_NAME, SCHEME, resolve_reference
+    """Resolve ``irtuning://`` references (model, dataset folder) to the built-in assets, which must be built
+    (``irtuning llamafactory`` builds them first; see :mod:`irtuning_plugin.references`)."""
+    from irtuning_plugin.references import REVISION_DATA, SCHEME, built_path, llamafactory_built_dir
 
     out = dict(cfg)
-    for key in ("model_name_or_path", "tokenizer_name_or_path"):
+    for key in LLAMAFACTORY_MODEL_KEYS:
         if isinstance(out.get(key), str):
-            out[key] = resolve_reference(out[key])
+            out[key] = built_path(out[key])
     if isinstance(out.get("dataset_dir"), str) and out["dataset_dir"].startswith(SCHEME):
-        if out["dataset_dir"].strip("/") != SCHEME + DATA_NAME:
-            raise LlamaFactoryConfigError(f"dataset_dir={out['dataset_dir']!r}; allowed reference: {SCHEME}{DATA_NAME}")
-        from irtuning_plugin.llamafactory_integration.datasets import llamafactory_dataset_dir
-
-        out["dataset_dir"] = str(llamafactory_dataset_dir())
+        if out["dataset_dir"].strip("/") != SCHEME + REVISION_DATA:
+            raise LlamaFactoryConfigError(f"dataset_dir={out['dataset_dir']!r}; allowed reference: "
+                                          f"{SCHEME}{REVISION_DATA}")
+        out["dataset_dir"] = llamafactory_built_dir(out["dataset_dir"])
     return out
+
+
+# The keys of a LLaMA-Factory recipe that may name an irtuning:// model.
+LLAMAFACTORY_MODEL_KEYS = ("model_name_or_path", "tokenizer_name_or_path")
 
 
 def llamafactory_args(cfg: Mapping[str, Any]) -> dict[str, Any]:
