@@ -35,7 +35,7 @@ pytestmark = pytest.mark.benchmark
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 
-from gpu_proof import ALL7, LLAMA8B, QKVUD, full_shapes, lora_shapes  # noqa: E402 - benchmarks/ is on sys.path
+from benchmarks.gpu_proof import ALL7, LLAMA8B, QKVUD, full_shapes, lora_shapes  # noqa: E402
 
 SMOLLM2 = dict(layers=30, hidden=576, inter=1536, kv=192)
 CASES = {

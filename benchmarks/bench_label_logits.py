@@ -1,7 +1,7 @@
 """pytest-benchmark: one SmolLM2-135M LoRA training step (forward + backward, micro-batch 4, real revision
 prompts with the prompt masked) with and without ``irtuning_label_logits_only``.
 
-    PYTHONSAFEPATH=1 OMP_NUM_THREADS=2 .venv/bin/pytest benchmarks/bench_label_logits.py \\
+    OMP_NUM_THREADS=2 .venv/bin/pytest benchmarks/bench_label_logits.py \\
         --benchmark-json=benchmarks/results/label-logits-cpu-smollm2.json
 
 Besides the time, each case records exact counts: the step's FLOPs (``torch.utils.flop_counter``) and
@@ -12,14 +12,12 @@ LoRA gradients from the ``off`` case on the same batches (the cut is meant to ch
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from strategy_bench import LORA, TARGETS, PadCollator, tokenize_records  # noqa: E402
+from benchmarks.harness.training import LORA, TARGETS, PadCollator, tokenize_records
 
 BATCHES = 6
 MICRO_BATCH = 4
@@ -30,7 +28,7 @@ def setup():
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from irtuning_plugin.assets.references import data_dir_for, resolve_reference
+    from irtuning_plugin.tasks.assets.references import data_dir_for, resolve_reference
 
     model_dir = resolve_reference("irtuning://smollm2-135m-instruct")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

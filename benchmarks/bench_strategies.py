@@ -1,6 +1,6 @@
 """pytest-benchmark entry of the strategy comparison (one seed; run_comparison.py does seeds and tables).
 
-    PYTHONSAFEPATH=1 .venv/bin/pytest benchmarks/bench_strategies.py --benchmark-json=benchmarks/results/strategies.json
+    .venv/bin/pytest benchmarks/bench_strategies.py --benchmark-json=benchmarks/results/strategies.json
 
 Each benchmark is one whole short run (train + held-out evaluation) of one strategy on SmolLM2; the
 per-step figures (median/p20/p80 step time, scoring share, layers, backward depth, bytes) are stored in
@@ -8,13 +8,10 @@ per-step figures (median/p20/p80 step time, scoring share, layers, backward dept
 """
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from strategy_bench import run_strategy  # noqa: E402
+from benchmarks.strategy_bench import run_strategy
 
 STRATEGIES = ["all", "ir", "ist", "lisa", "random", "salf"]
 OPTIONS = {"lisa": {"n_layers": 2, "interval": 5}, "random": {"n_layers": 4}}
@@ -24,7 +21,7 @@ MODEL = os.environ.get("IRTUNING_BENCH_MODEL", "irtuning://smollm2-135m-instruct
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_strategy_run(benchmark, strategy, tmp_path):
-    from irtuning_plugin.assets.references import resolve_reference, revision_data_dir
+    from irtuning_plugin.tasks.assets.references import resolve_reference, revision_data_dir
 
     model_dir, data_dir = resolve_reference(MODEL), str(revision_data_dir())
     result = benchmark.pedantic(

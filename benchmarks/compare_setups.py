@@ -34,7 +34,7 @@ class CompletionDataset(Dataset):
     """input_output-style examples: prompt segment masked, label segment (+ EOS) trained."""
 
     def __init__(self, records, task, tokenizer, max_length=256):
-        from irtuning_plugin.seq_classification import prompt_of
+        from irtuning_plugin.tasks.seq_classification import prompt_of
 
         self.items = []
         for rec in records:
@@ -81,7 +81,7 @@ def run_completion(a, model_path, records, test, task, out_dir):
 
     from irtuning_plugin.callback import attach_layer_selection
     from irtuning_plugin.config import SelectionConfig
-    from irtuning_plugin.evaluation import evaluate_records
+    from irtuning_plugin.tasks.evaluation import evaluate_records
 
     tok = AutoTokenizer.from_pretrained(model_path)
     set_seed(a.seed)
@@ -104,8 +104,8 @@ def run_seq_cls(a, model_path, records, test, task, out_dir):
 
     from irtuning_plugin.callback import attach_layer_selection
     from irtuning_plugin.config import SelectionConfig
-    from irtuning_plugin.evaluation import classification_metrics
-    from irtuning_plugin.seq_classification import PromptDataset, build_seq_cls_model, class_logits, prompt_of
+    from irtuning_plugin.tasks.evaluation import classification_metrics
+    from irtuning_plugin.tasks.seq_classification import PromptDataset, build_seq_cls_model, class_logits, prompt_of
 
     model, tok = build_seq_cls_model(model_path, task, seed=a.seed)
 
@@ -156,8 +156,8 @@ def main() -> int:
     p.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/setups-MODEL-Nsteps.json)")
     a = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from irtuning_plugin.assets.references import resolve_reference, revision_data_dir
-    from irtuning_plugin.seq_classification import load_records
+    from irtuning_plugin.tasks.assets.references import resolve_reference, revision_data_dir
+    from irtuning_plugin.tasks.seq_classification import load_records
 
     model_path = resolve_reference(a.model)
     data = a.data or str(revision_data_dir())

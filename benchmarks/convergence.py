@@ -1,18 +1,18 @@
 """Convergence grid: held-out quality against optimizer steps and counted FLOPs, per strategy, seed and task.
 
-    PYTHONSAFEPATH=1 python benchmarks/convergence.py --tasks revision-intention tweet-sentiment \
+    python -m benchmarks.convergence --tasks revision-intention tweet-sentiment \
         --strategies all ir ist lisa random salf --seeds 1 2 3 --steps 300 --eval-every 50 \
         --no-report --out benchmarks/results/convergence-cpu-smollm2-300steps
-    PYTHONSAFEPATH=1 python benchmarks/convergence.py --out benchmarks/results/convergence-cpu-smollm2-300steps \
+    python -m benchmarks.convergence --out benchmarks/results/convergence-cpu-smollm2-300steps \
         --tag cpu-smollm2-300steps --report
 
 The full-parameter arm (``--scope full``, an explicit ``--lr``) and its learning-rate sweep::
 
-    PYTHONSAFEPATH=1 python benchmarks/convergence.py --tasks tweet-sentiment --strategies all --seeds 1 \
+    python -m benchmarks.convergence --tasks tweet-sentiment --strategies all --seeds 1 \
         --scope full --steps 300 --test-n 0 --lr-sweep 1e-5 3e-5 1e-4 --no-report --out <sweep folder>
-    PYTHONSAFEPATH=1 python benchmarks/convergence.py --tasks tweet-sentiment --scope full --lr <chosen> \
+    python -m benchmarks.convergence --tasks tweet-sentiment --scope full --lr <chosen> \
         --strategies all ir+cpu lisa+cpu ir+floor8+cpu --steps 300 --no-report --out <full-arm folder>
-    PYTHONSAFEPATH=1 python benchmarks/convergence.py --out <full-arm folder> --also <LoRA grid folder> \
+    python -m benchmarks.convergence --out <full-arm folder> --also <LoRA grid folder> \
         --only-tasks tweet-sentiment --tag <tag> --report   # both arms in one table
 
 A grid name is a strategy plus "+"-joined settings (see ``parse_grid_name``). One cell = (task, strategy,
@@ -41,16 +41,13 @@ import platform
 import re
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:  # run as a script under PYTHONSAFEPATH=1, the folder is not on the path
-    sys.path.insert(0, str(HERE))
-
-from results_md import replace_section  # noqa: E402
+from benchmarks.harness import results
+from benchmarks.harness.grid import Cell, run_cells, write_cell
+from benchmarks.harness.results import RESULTS_MD, code_span, replace_section
 
 # A strategy's options where its default is not the setting compared (everything else: its defaults),
 # as a function of the model's layer count.
@@ -118,7 +115,7 @@ def offload_moves(active_per_step: list[list[int]], layer_state_bytes: list[int]
 
 def task_data_dir(task: str) -> Path:
     """The built-in data folder of a task (built on first use)."""
-    from irtuning_plugin.assets.references import data_dir_for
+    from irtuning_plugin.tasks.assets.references import data_dir_for
 
     return data_dir_for(task)
 
@@ -134,7 +131,7 @@ def load_split(data_dir: Path, split: str, limit: int | None = None) -> list[dic
 
 def evaluate_task(model, tokenizer, records: list[dict], labels: list[str]):
     """Label scoring for any ``input_output`` task whose records are [prompt, " " + label]."""
-    from irtuning_plugin.evaluation import classification_metrics, label_logprobs
+    from irtuning_plugin.tasks.evaluation import classification_metrics, label_logprobs
 
     prompts = [r["segments"][0]["text"] for r in records]
     scores = label_logprobs(model, tokenizer, prompts, labels, batch_size=8)
@@ -146,17 +143,11 @@ def run_cell(*, task: str, strategy: str, seed: int, steps: int, eval_every: int
              model_dir: str, data_dir: str, micro_batch: int = 4, lr: float = 1e-3, warmup: int = 20,
              options: dict | None = None, partial: Path | None = None, eval_at_start: bool = False,
              scope: str = "adapter") -> dict:
-    import tempfile
-
     import torch
-    from peft import LoraConfig, get_peft_model
-    from torch.utils.flop_counter import FlopCounterMode
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments, set_seed
+    from transformers import AutoTokenizer, TrainerCallback
 
-    import irtuning_plugin.evaluation  # noqa: F401  (imported now: a checkout changed mid-cell must not mix versions)
-    from irtuning_plugin.callback import attach_layer_selection
-
-    from strategy_bench import LORA, TARGETS, PadCollator, tokenize_records
+    import irtuning_plugin.tasks.evaluation  # noqa: F401  (imported now: a checkout changed mid-cell must not mix versions)
+    from benchmarks.harness.training import PadCollator, build_model, tokenize_records, train_counted
 
     labels = task_labels(Path(data_dir))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -164,78 +155,47 @@ def run_cell(*, task: str, strategy: str, seed: int, steps: int, eval_every: int
     val = load_split(Path(data_dir), "val", val_n)
     test = load_split(Path(data_dir), "test", test_n) if test_n else []  # 0: the test split is not read
 
-    set_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    if scope == "adapter":
-        set_seed(seed)
-        model = get_peft_model(base, LoraConfig(target_modules=TARGETS, task_type="CAUSAL_LM", **LORA))
-        model.enable_input_require_grads()  # as Axolotl 0.19 does for every adapter run
-    else:  # full fine-tuning: every parameter trainable; the engine freezes the layers it leaves out
-        model = base
+    # scope full: every parameter trainable; the engine freezes the layers it leaves out
+    model = build_model(model_dir, scope, seed)
     if callable(options):
-        options = options(base.config.num_hidden_layers)
-    counted = {"flops": 0}
-
-    class CountingTrainer(Trainer):
-        def training_step(self, *args, **kwargs):
-            with FlopCounterMode(display=False) as fc:
-                loss = super().training_step(*args, **kwargs)
-            counted["flops"] += fc.get_total_flops()
-            return loss
-
-    out = tempfile.mkdtemp(prefix=f"conv-{strategy}-")
-    targs = TrainingArguments(
-        output_dir=out, max_steps=steps, per_device_train_batch_size=micro_batch, learning_rate=lr,
-        lr_scheduler_type="linear", warmup_steps=warmup, weight_decay=0.0, max_grad_norm=1.0, logging_steps=1,
-        save_strategy="no", report_to=[], use_cpu=True, seed=seed, data_seed=seed, dataloader_num_workers=0,
-        remove_unused_columns=False, disable_tqdm=True,
-    )
-    trainer = CountingTrainer(model=model, args=targs, train_dataset=train,
-                              data_collator=PadCollator(tokenizer.pad_token_id))
-    cb = attach_layer_selection(trainer, selection_config(strategy, options, scope))
+        options = options(getattr(model, "get_base_model", lambda: model)().config.num_hidden_layers)
     curve: list[dict] = []
-    held: list[dict] = []  # per optimizer step: gradient + Adam bytes as the engine accounts them
-    clock = {"train_s": 0.0, "step_s": []}
     sink = open(partial, "w") if partial else None
 
-    def point(step: int) -> None:
-        t0 = time.perf_counter()
-        res = evaluate_task(model, tokenizer, val, labels)
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h][-eval_every:]
-        row = {"step": step, "flops": counted["flops"], "train_s": clock["train_s"], "val_accuracy": res.accuracy,
-               "val_macro_f1": res.macro_f1, "train_loss": statistics.mean(losses) if losses else None,
-               "eval_s": time.perf_counter() - t0}
-        curve.append(row)
-        if sink:
-            sink.write(json.dumps(row) + "\n")
-            sink.flush()
+    class Curve(TrainerCallback):  # validation points; their time is outside the step times
+        def point(self, step: int) -> None:
+            t0 = time.perf_counter()
+            res = evaluate_task(model, tokenizer, val, labels)
+            losses = [h["loss"] for h in self.counted.trainer.state.log_history if "loss" in h][-eval_every:]
+            row = {"step": step, "flops": self.counted.flops, "train_s": self.counted.train_s,
+                   "val_accuracy": res.accuracy, "val_macro_f1": res.macro_f1,
+                   "train_loss": statistics.mean(losses) if losses else None, "eval_s": time.perf_counter() - t0}
+            curve.append(row)
+            if sink:
+                sink.write(json.dumps(row) + "\n")
+                sink.flush()
 
-    class Curve(TrainerCallback):
         def on_train_begin(self, a, s, c, **kw):
             if eval_at_start:
-                point(0)
-
-        def on_step_begin(self, a, s, c, **kw):
-            self.t0 = time.perf_counter()
-
-        def on_optimizer_step(self, a, s, c, **kw):  # after optimizer.step(), before zero_grad: both held
-            acc = cb.engine.memory_account()
-            grads = acc["grad_bytes_accelerator"] + acc["grad_bytes_host"]
-            state = acc["optimizer_state_bytes_accelerator"] + acc["optimizer_state_bytes_host"]
-            off = acc["optimizer_state_bytes_offloaded"]
-            held.append({"device": grads + state - off, "offloaded": off})
+                self.point(0)
 
         def on_step_end(self, a, s, c, **kw):
-            clock["step_s"].append(time.perf_counter() - self.t0)
-            clock["train_s"] += clock["step_s"][-1]
             if s.global_step % eval_every == 0 or s.global_step == steps:
-                point(s.global_step)
+                self.point(s.global_step)
 
-    trainer.add_callback(Curve())
-    trainer.train()
+    run = train_counted(model, train, PadCollator(tokenizer.pad_token_id), selection_config(strategy, options, scope),
+                        seed=seed, steps=steps, micro_batch=micro_batch, lr=lr, warmup=warmup, count_flops=True,
+                        account_at="optimizer", callbacks=[Curve()], prefix=f"conv-{strategy}-")
     if sink:
         sink.close()
+    cb = run.selection
     engine = cb.engine
+    held = []  # per optimizer step: gradient + Adam bytes as the engine accounts them (after the step)
+    for acc in run.accounts:
+        grads = acc["grad_bytes_accelerator"] + acc["grad_bytes_host"]
+        state = acc["optimizer_state_bytes_accelerator"] + acc["optimizer_state_bytes_host"]
+        off = acc["optimizer_state_bytes_offloaded"]
+        held.append({"device": grads + state - off, "offloaded": off})
     layer_state_bytes = [sum(2 * p.numel() * 4 for p in ps) for ps in engine.layer_map.params]  # fp32 m and v
     t0 = time.perf_counter()
     res = evaluate_task(model, tokenizer, test, labels) if test else None  # no test split: validation only
@@ -250,7 +210,7 @@ def run_cell(*, task: str, strategy: str, seed: int, steps: int, eval_every: int
         "layers_per_step": [r["n_active"] for r in cb.rows], "lowest_active": [r["lowest_active"] for r in cb.rows],
         "active_per_step": [r["active"] for r in cb.rows], "layer_state_bytes": layer_state_bytes,
         "device_bytes_per_step": [h["device"] for h in held], "offloaded_bytes_per_step": [h["offloaded"] for h in held],
-        "train_flops": counted["flops"], "train_s": clock["train_s"], "step_s": clock["step_s"],
+        "train_flops": run.flops, "train_s": run.train_s, "step_s": run.step_s,
         "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
         "cpus": os.cpu_count(), "load_avg_end": os.getloadavg(), "date": datetime.date.today().isoformat(),
     }
@@ -263,11 +223,6 @@ def cell_path(out: Path, task: str, strategy: str, seed: int, lr: float | None =
 
 
 SWEEP_CELL = re.compile(r"-lr[0-9.e+-]+-seed\d+\.json$")
-
-
-def _env(threads: int) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONSAFEPATH": "1", "HF_HUB_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1",
-            "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
 
 
 LORA_LR = 1e-3  # the LoRA grids' learning rate
@@ -305,38 +260,29 @@ def run_grid(a) -> list[Path]:
     """Run every missing cell, one after another; return the cells that were (re)computed."""
     check_args(a)
     out = Path(a.out)
-    done = []
+    cells, rates = [], {}
     # seeds outside strategies: a partial grid has every strategy on the same seeds
     for task, seed, strategy, lr in [(t, s, n, lr) for t in a.tasks for s in a.seeds for n in a.strategies
                                      for lr in (a.lr_sweep or [None])]:
         path = cell_path(out, task, strategy, seed, lr)
-        if path.exists():
-            _check_same_recipe(path, a, lr)
-            print(f"skip {path} (finished)", flush=True)
-            continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial.jsonl")
-        partial.unlink(missing_ok=True)  # an interrupted cell starts again from step 0
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--cell", "--tasks", task,
-               "--strategies", strategy, "--seeds", str(seed), "--out", str(out),
-               "--steps", str(a.steps), "--eval-every", str(a.eval_every), "--val-n", str(a.val_n),
-               "--test-n", str(a.test_n), "--micro-batch", str(a.micro_batch), "--lr", str(lr or a.lr),
-               "--warmup", str(a.warmup), "--model", a.model, "--scope", a.scope]
+        argv = ["benchmarks.convergence", "--cell", "--tasks", task,
+                "--strategies", strategy, "--seeds", str(seed), "--out", str(out),
+                "--steps", str(a.steps), "--eval-every", str(a.eval_every), "--val-n", str(a.val_n),
+                "--test-n", str(a.test_n), "--micro-batch", str(a.micro_batch), "--lr", str(lr or a.lr),
+                "--warmup", str(a.warmup), "--model", a.model, "--scope", a.scope]
         if a.eval_at_start:
-            cmd.append("--eval-at-start")
+            argv.append("--eval-at-start")
         if lr is not None:
-            cmd += ["--lr-sweep", repr(lr)]
-        print(f"cell {task} {strategy} seed {seed}{f' lr {lr:g}' if lr is not None else ''} -> {path}",
-              flush=True)
-        t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, env=_env(a.threads))
-        print(f"  done in {time.perf_counter() - t0:.0f} s", flush=True)
-        done.append(path)
-    return done
+            argv += ["--lr-sweep", repr(lr)]
+        label = f"{task} {strategy} seed {seed}{f' lr {lr:g}' if lr is not None else ''}"
+        cells.append(Cell(label, path, argv, partial=path.with_suffix(".partial.jsonl")))
+        rates[path] = lr
+    return run_cells(cells, resume=True, threads=a.threads,
+                     check=lambda cell: _check_same_recipe(cell.path, a, rates[cell.path]))
 
 
 def _cell_main(a) -> int:
-    from irtuning_plugin.assets.references import resolve_reference
+    from irtuning_plugin.tasks.assets.references import resolve_reference
 
     task, strategy, seed = a.tasks[0], a.strategies[0], a.seeds[0]
     lr = a.lr_sweep[0] if a.lr_sweep else None
@@ -351,9 +297,7 @@ def _cell_main(a) -> int:
                    eval_at_start=a.eval_at_start, scope=a.scope)
     res["model"] = a.model
     res["recipe"] = {key: getattr(a, key) for key in RECIPE_KEYS}  # as asked (a split may hold fewer)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=1))
-    os.replace(tmp, path)  # a result file exists only once the cell is complete
+    write_cell(path, res)  # a result file exists only once the cell is complete
     path.with_suffix(".partial.jsonl").unlink(missing_ok=True)
     return 0
 
@@ -361,7 +305,7 @@ def _cell_main(a) -> int:
 def time_steps(a) -> int:
     """Seconds per training step of `all`, LoRA then full fine-tuning then LoRA again, in one process, for
     each task (the cells' own code: run_cell, no evaluation); writes ``<out>/steptime-<task>.json``."""
-    from irtuning_plugin.assets.references import resolve_reference
+    from irtuning_plugin.tasks.assets.references import resolve_reference
 
     model = resolve_reference(a.model)
     for task in a.tasks:
@@ -477,11 +421,6 @@ def _bytes_cells(r: dict) -> str:
     return f" {hm / mb:,.1f} / {hx / mb:,.1f} | {mm / mb:,.1f} / {mx / mb:,.1f} |"
 
 
-def _code_span(text: str) -> str:
-    """Markdown inline code that survives backticks inside `text` (e.g. a quoted --remaining)."""
-    return f"`` {text} ``" if "`" in text else f"`{text}`"
-
-
 def report(cells: list[dict], tag: str, command: str, remaining: str = "") -> str:
     s = summarize(cells)
     c0 = cells[0]
@@ -504,7 +443,7 @@ def report(cells: list[dict], tag: str, command: str, remaining: str = "") -> st
              f"with {g('warmup')} warm-up steps, {g('steps')} steps; validation every {g('eval_every')} "
              f"steps on {g('val_n')} examples, test once at the end on the first {g('test_n')} test examples (fewer where the split is smaller: "
              f"each task says its n).", "",
-             f"Regenerate: {_code_span(command)}", ""]
+             f"Regenerate: {code_span(command)}", ""]
     if remaining:
         lines += [f"**Partial grid.** {remaining}", ""]
     for task, t in s.items():
@@ -565,7 +504,7 @@ def sweep_report(cells: list[dict], command: str) -> str:
              f"{','.join(map(str, sorted({c['seed'] for c in cells})))}, {c0['steps']} steps, validation every "
              f"{c0['eval_every']} steps on {c0['val_n']} examples; the test split is not read. The rate chosen "
              f"is the one with the highest final validation macro-F1 (mean over seeds; a tie goes to the lower "
-             f"rate).", "", f"Regenerate: {_code_span(command)}", ""]
+             f"rate).", "", f"Regenerate: {code_span(command)}", ""]
     for task in sorted({c["task"] for c in cells}):
         cs = [c for c in cells if c["task"] == task]
         chosen = choose_lr(cs)
@@ -619,12 +558,11 @@ def plot(cells: list[dict], path: Path) -> None:
         axes[i][0].legend(fontsize=8)
     fig.suptitle("validation curves (mean over seeds; band: min-max)")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    results.save_figure(fig, path, dpi=80)
 
 
 def write_results(section: str, tag: str, results_md: Path) -> None:
-    replace_section(results_md, "convergence", tag, section, "Convergence")
+    replace_section(results_md, f"convergence:{tag}", section, "Convergence")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -659,7 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--report: only these tasks' cells")
     p.add_argument("--tag", default="cpu-smollm2")
     p.add_argument("--remaining", default="", help="text saying what a partial grid still lacks")
-    p.add_argument("--results-md", default=str(HERE / "RESULTS.md"))
+    p.add_argument("--results-md", default=str(RESULTS_MD))
     p.add_argument("--time-steps", type=int, default=0, metavar="N",
                    help="only time N training steps of `all`, LoRA / full / LoRA, one process per task "
                    "(writes <out>/steptime-<task>.json)")
@@ -684,7 +622,7 @@ def main(argv=None) -> int:
     if not cells:
         print(f"no finished {'sweep ' if sweep else ''}cells in {', '.join([a.out, *a.also])}", file=sys.stderr)
         return 1
-    command = f"python benchmarks/convergence.py --out {a.out} --tag {a.tag} --report"
+    command = f"python -m benchmarks.convergence --out {a.out} --tag {a.tag} --report"
     if a.also:
         command += " --also " + " ".join(a.also)
     if a.only_tasks:

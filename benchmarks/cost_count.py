@@ -19,7 +19,7 @@ Per optimizer step (one micro-batch per step):
 It trains for real (the engine on a plain loop with AdamW), so ``ir``'s selections come from real
 gradients. One run per process; ``cost_table.py`` runs the variants and writes the tables::
 
-    PYTHONSAFEPATH=1 python benchmarks/cost_count.py --strategy ir --steps 12 --out ir.json \
+    python -m benchmarks.cost_count --strategy ir --steps 12 --out ir.json \
         [--scope full] [--engine-options '{"depth_floor": "salf"}'] [--options '{...}']
 """
 
@@ -35,20 +35,12 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from irtuning_plugin.planner.counters import SavedBytes, count_forward_backward  # noqa: E402,F401  (shared with irtuning plan)
+from benchmarks.harness.grid import write_cell
+from benchmarks.harness.training import build_model as _build_model
+from benchmarks.harness.training import meta_model, resident_bytes, tokenize_records
+from irtuning_plugin.planner.counters import SavedBytes, count_forward_backward  # noqa: F401  (shared with irtuning plan)
 
-from strategy_bench import LORA, TARGETS, tokenize_records  # noqa: E402
-
-
-def resident_bytes(account: dict) -> dict:
-    """Gradient and optimizer bytes on the training device vs kept off it by the offload."""
-    grads = account["grad_bytes_accelerator"] + account["grad_bytes_host"]
-    state = account["optimizer_state_bytes_accelerator"] + account["optimizer_state_bytes_host"]
-    off = account.get("optimizer_state_bytes_offloaded", 0)
-    return {"grad_bytes": grads, "optimizer_state_bytes": state, "offloaded_bytes": off,
-            "device_resident_bytes": grads + state - off}
+__all__ = ["FixedBatches", "SavedBytes", "build_model", "count_sets", "meta_model", "resident_bytes", "run"]
 
 
 class FixedBatches:
@@ -78,31 +70,8 @@ class FixedBatches:
 
 
 def build_model(model_dir: str, scope: str, seed: int):
-    from transformers import AutoModelForCausalLM, set_seed
-
-    set_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    if scope == "adapter":
-        from peft import LoraConfig, get_peft_model
-
-        set_seed(seed)
-        model = get_peft_model(model, LoraConfig(target_modules=TARGETS, task_type="CAUSAL_LM", **LORA))
-        model.enable_input_require_grads()  # what Axolotl 0.19 does: the engine's backward cut must undo it
-    model.train()
-    return model
-
-
-def meta_model(model_dir: str, scope: str):
-    """The same architecture on the meta device (shapes only: counting is exact and costs no compute)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(model_dir)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    if scope == "adapter":
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(target_modules=TARGETS, task_type="CAUSAL_LM", **LORA))
+    """The benchmarks' seeded model (``benchmarks.harness.training.build_model``), in training mode."""
+    model = _build_model(model_dir, scope, seed)
     model.train()
     return model
 
@@ -226,13 +195,13 @@ def main(argv=None) -> int:
                    "strategies that never read a gradient)")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
-    from irtuning_plugin.assets.references import resolve_reference, revision_data_dir
+    from irtuning_plugin.tasks.assets.references import resolve_reference, revision_data_dir
 
     result = run(a.strategy, model_dir=resolve_reference(a.model), data_dir=str(revision_data_dir()), steps=a.steps,
                  scope=a.scope, batch=a.batch, seq=a.seq, count_batch=a.count_batch, count_seq=a.count_seq,
                  seed=a.seed, options=json.loads(a.options),
                  engine_options=json.loads(a.engine_options), label=a.label, replay=a.replay)
-    Path(a.out).write_text(json.dumps(result, indent=1))
+    write_cell(Path(a.out), result)
     return 0
 
 

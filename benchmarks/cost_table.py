@@ -1,12 +1,12 @@
 """Counted per-step costs of every strategy, LoRA and full fine-tuning: runs, tables, plot.
 
-    PYTHONSAFEPATH=1 python benchmarks/cost_table.py --out benchmarks/results/costs-smollm2   # runs + report
-    PYTHONSAFEPATH=1 python benchmarks/cost_table.py --out benchmarks/results/costs-smollm2 --report
+    python -m benchmarks.cost_table --out benchmarks/results/costs-smollm2   # runs + report
+    python -m benchmarks.cost_table --out benchmarks/results/costs-smollm2 --report
     # issue 40's counts (the LoRA depth-floor curve, the full-parameter arm), tables in their own file:
-    PYTHONSAFEPATH=1 python benchmarks/cost_table.py --out benchmarks/results/costs-smollm2-issue40 \
+    python -m benchmarks.cost_table --out benchmarks/results/costs-smollm2-issue40 \
         --results-md benchmarks/results/costs-smollm2-issue40/tables.md --only ISSUE40
 
-Each variant is one ``cost_count.py`` process (a few real training steps on SmolLM2; FLOPs and saved
+Each variant is one ``benchmarks.cost_count`` process (a few real training steps on SmolLM2; FLOPs and saved
 bytes of every selected set counted on the meta device at 4 x 128 tokens). ``--report`` turns
 ``runs.jsonl`` into the generated sections of ``benchmarks/RESULTS.md`` and ``costs-<tag>.png``.
 """
@@ -16,16 +16,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:  # run as a script under PYTHONSAFEPATH=1, the folder is not on the path
-    sys.path.insert(0, str(HERE))
+from benchmarks.convergence import offload_moves
+from benchmarks.harness import results
+from benchmarks.harness.grid import Cell, run_cells
+from benchmarks.harness.results import RESULTS_MD, replace_section
+
 FLOOR = {"depth_floor": "salf"}
 IST = {"first_update": 2, "update_every": 2, "estimation_batch": 4}
 # name -> (strategy, steps, strategy options, engine options, real). Short runs: counts need no long
@@ -75,20 +74,16 @@ TRAIN_SHAPE = {"adapter": (1, 128), "full": (1, 64)}
 SECTIONS = {"adapter": "costs-lora", "full": "costs-full"}
 
 
-def _env():
-    return {**os.environ, "PYTHONSAFEPATH": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def run_variant(name: str, scope: str, spec, args, out: Path) -> dict:
+def cell(name: str, scope: str, spec, args, out: Path) -> Cell:
+    """One variant: a ``benchmarks.cost_count`` run writing ``<out>/<scope>-<name>.json``."""
     strategy, steps, options, engine, real = spec
     path = out / f"{scope}-{name.replace(' ', '_').replace('(', '').replace(')', '')}.json"
     batch, seq = TRAIN_SHAPE[scope]
-    cmd = [sys.executable, str(HERE / "cost_count.py"), "--strategy", strategy, "--scope", scope,
-           "--steps", str(steps), "--batch", str(batch), "--seq", str(seq), "--model", args.model,
-           "--options", json.dumps(options), "--engine-options", json.dumps(engine), "--label", name,
-           "--out", str(path)] + ([] if real else ["--replay"])
-    subprocess.run(cmd, check=True, env=_env())
-    return json.loads(path.read_text())
+    return Cell(f"{scope}:{name}", path, [
+        "benchmarks.cost_count", "--strategy", strategy, "--scope", scope,
+        "--steps", str(steps), "--batch", str(batch), "--seq", str(seq), "--model", args.model,
+        "--options", json.dumps(options), "--engine-options", json.dumps(engine), "--label", name,
+        "--out", str(path)] + ([] if real else ["--replay"]))
 
 
 def _med(xs):
@@ -118,10 +113,9 @@ def summarise(run: dict) -> dict:
 
 def layer_moment_bytes(model: str, scope: str) -> list[int]:
     """Adam moment bytes (exp_avg + exp_avg_sq, fp32) of each decoder layer's trainable tensors."""
-    from cost_count import meta_model
-
-    from irtuning_plugin.assets.references import resolve_reference
+    from benchmarks.harness.training import meta_model
     from irtuning_plugin.layer_map import build_layer_map
+    from irtuning_plugin.tasks.assets.references import resolve_reference
 
     lm = build_layer_map(meta_model(resolve_reference(model), scope), scope)
     return [sum(2 * p.numel() * 4 for p in ps) for ps in lm.params]
@@ -129,8 +123,6 @@ def layer_moment_bytes(model: str, scope: str) -> list[int]:
 
 def moved_per_step(run: dict, layer_bytes: list[int]) -> list[int]:
     """Bytes `frozen_optimizer_state: cpu` moves at each re-selection of the run (0 for other modes)."""
-    from convergence import offload_moves
-
     if run.get("engine_options", {}).get("frozen_optimizer_state") != "cpu":
         return [0] * max(len(run["rows"]) - 1, 1)
     return offload_moves([r["active"] for r in run["rows"]], layer_bytes) or [0]
@@ -159,9 +151,9 @@ def report(runs: list[dict], scope: str, out: str = "benchmarks/results/costs-sm
     real = [r for r in runs if not r.get("replay")]
     lines = [
         f"### Counted costs per optimizer step: {first.get('model', '?')}, {what}", "",
-        f"Generated {datetime.date.today()} by `python benchmarks/cost_table.py --out "
+        f"Generated {datetime.date.today()} by `python -m benchmarks.cost_table --out "
         f"{out}{extra} --report` (runs: the same command without `--report`) on "
-        f"{platform.machine()}, torch {first['torch']}. Steps: *trained* = real training steps ({train} per "
+        f"{results.host()['machine']}, torch {first['torch']}. Steps: *trained* = real training steps ({train} per "
         f"step, AdamW lr 2e-4, seed 1), for the strategies that read gradients; *replayed* = the same engine "
         f"and AdamW with zero gradients instead of forward/backward (`cost_count.py --replay`), for those "
         f"that never do, so their selections and byte accounts are a real run's. Every selected set's FLOPs "
@@ -246,20 +238,11 @@ def plot(runs: list[dict], path: Path) -> None:
     axes[0].set_ylabel("bytes saved for backward / all")
     axes[0].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    results.save_figure(fig, path, dpi=90)
 
 
 def write_section(text: str, tag: str, results_md: Path) -> None:
-    start, end = f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
-    doc = results_md.read_text() if results_md.exists() else "# Counted costs\n"
-    block = f"{start}\n{text}\n{end}"
-    if start in doc:
-        head, rest = doc.split(start, 1)
-        doc = head + block + rest.split(end, 1)[1]
-    else:
-        doc += "\n" + block + "\n"
-    results_md.write_text(doc)
+    replace_section(results_md, tag, text, title="# Counted costs")
 
 
 def main(argv=None) -> int:
@@ -270,7 +253,7 @@ def main(argv=None) -> int:
                    "variants of issue 40 (depth-floor curve, full-parameter arm)")
     p.add_argument("--scopes", nargs="+", default=["adapter", "full"])
     p.add_argument("--model", default="irtuning://smollm2-135m-instruct")
-    p.add_argument("--results-md", default=str(HERE / "RESULTS.md"))
+    p.add_argument("--results-md", default=str(RESULTS_MD))
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -284,10 +267,12 @@ def main(argv=None) -> int:
                 raise SystemExit(f"--only: no variant {unknown[0]!r}; known: "
                                  + ", ".join(f"{sc}:{n}" for sc, n in todo))
             todo = [(sc, n) for item in only for sc, n in todo if item in (n, f"{sc}:{n}")]
-        for scope, name in todo:
-            result = run_variant(name, scope, (LORA if scope == "adapter" else FULL)[name], a, out)
+        def append(_cell, result: dict) -> None:
             with open(runs_path, "a") as fh:
                 fh.write(json.dumps(result) + "\n")
+
+        run_cells([cell(name, scope, (LORA if scope == "adapter" else FULL)[name], a, out) for scope, name in todo],
+                  resume=False, done=append)
     runs = {}
     for line in runs_path.read_text().splitlines():
         if line.strip():
@@ -295,7 +280,7 @@ def main(argv=None) -> int:
             runs[(r["scope"], r["label"])] = r  # a rerun of a variant replaces the earlier one
     runs = list(runs.values())
     md = Path(a.results_md)
-    extra = "" if a.results_md == str(HERE / "RESULTS.md") else f" --results-md {a.results_md}"
+    extra = "" if a.results_md == str(RESULTS_MD) else f" --results-md {a.results_md}"
     for scope, tag in SECTIONS.items():
         text = report(runs, scope, a.out, extra, a.model)
         if scope == "full":

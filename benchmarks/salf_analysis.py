@@ -1,6 +1,7 @@
 """Why SALF's maximum-gain rule picks cut 0 on SmolLM2 unless latent space 0 is left out.
 
-    PYTHONSAFEPATH=1 python benchmarks/salf_analysis.py --out benchmarks/results/salf-smollm2.json
+    python -m benchmarks.salf_analysis --out benchmarks/results/salf-smollm2.json
+    python -m benchmarks.salf_analysis --out benchmarks/results/salf-smollm2.json --report   # table + plot only
 
 Runs the calibration the ``salf`` strategy runs (8 training batches of 4 examples, no gradients) for both
 metrics, computes the gains with both estimators with latent space 0 included and excluded, measures
@@ -18,15 +19,14 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from strategy_bench import PadCollator, tokenize_records  # noqa: E402
+from benchmarks.harness import results
+from benchmarks.harness.results import BENCHMARKS, RESULTS_MD, replace_section
+from benchmarks.harness.training import PadCollator, tokenize_records
 
 
 def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from irtuning_plugin.assets.references import resolve_reference, revision_data_dir
     from irtuning_plugin.layer_map import build_layer_map
     from irtuning_plugin.salf_calibration import (
         choose_cut,
@@ -35,13 +35,21 @@ def main(argv=None) -> int:
         head_is_tied,
         layer_gains,
     )
+    from irtuning_plugin.tasks.assets.references import resolve_reference, revision_data_dir
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="irtuning://smollm2-135m-instruct")
     p.add_argument("--out", required=True)
-    p.add_argument("--png", default=str(HERE / "salf-smollm2.png"))
-    p.add_argument("--results-md", default=str(HERE / "RESULTS.md"), help="'' to leave RESULTS.md alone")
+    p.add_argument("--png", default=str(BENCHMARKS / "salf-smollm2.png"))
+    p.add_argument("--results-md", default=str(RESULTS_MD), help="'' to leave RESULTS.md alone")
+    p.add_argument("--report", action="store_true", help="only rebuild the table and the plot from --out")
     a = p.parse_args(argv)
+    if a.report:
+        out = json.loads(Path(a.out).read_text())
+        plot(out, Path(a.png))
+        if a.results_md:
+            write_section(out, Path(a.results_md))
+        return 0
     model_dir = resolve_reference(a.model)
     tok = AutoTokenizer.from_pretrained(model_dir)
     records = [json.loads(x) for x in open(Path(revision_data_dir()) / "train.jsonl") if x.strip()][:64]
@@ -79,15 +87,17 @@ def main(argv=None) -> int:
     Path(a.out).write_text(json.dumps(out, indent=1))
     plot(out, Path(a.png))
     if a.results_md:
-        from cost_table import write_section
-
-        write_section(table(out), "salf", Path(a.results_md))
+        write_section(out, Path(a.results_md))
     for metric in ("logit_lens", "vocab_semantics"):
         for est in ("raw", "power_law"):
             r = out[metric][est]
             print(f"{metric} {est}: cut {r['included']['cut']} with latent space 0, {r['excluded']['cut']} without")
     print("latent space 0: top-1 is the input token for", f"{out['space0_top1_is_input_token']:.1%}", "of tokens")
     return 0
+
+
+def write_section(out: dict, results_md: Path) -> None:
+    replace_section(results_md, "salf", table(out), title="# Counted costs")
 
 
 def table(out: dict) -> str:
@@ -139,8 +149,7 @@ def plot(out: dict, path: Path) -> None:
     fig.suptitle(f"SALF calibration on {out['model']} (tied head: {out['tied_head']}; latent space 0's top-1 is the "
                  f"input token for {out['space0_top1_is_input_token']:.0%} of tokens)")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    results.save_figure(fig, path, dpi=90)
 
 
 if __name__ == "__main__":

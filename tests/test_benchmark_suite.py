@@ -1,22 +1,16 @@
 """The strategy benchmark suite in reduced form (tiny model, 2 steps), so it cannot rot."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-sys.path.insert(0, str(BENCH))
 
 
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir):
+    from benchmarks.run_comparison import DEFAULT_OPTIONS
+    from benchmarks.strategy_bench import run_strategy
     from irtuning_plugin.strategies import registered_strategies
     from irtuning_plugin.tasks.assets.references import revision_data_dir
-
-    from run_comparison import DEFAULT_OPTIONS
-    from strategy_bench import run_strategy
 
     data = str(revision_data_dir())
     names = [n for n in ("all", "ir", "ist", "lisa", "random", "salf") if n in registered_strategies()]
@@ -39,7 +33,7 @@ def test_each_run_measures_what_the_tables_need(runs):
 
 
 def test_report_and_plot_are_generated(runs, tmp_path):
-    from run_comparison import plot, report, write_results
+    from benchmarks.run_comparison import plot, report, write_results
 
     md = tmp_path / "RESULTS.md"
     md.write_text("# Benchmark results\n\n## Gradient-norm kernel\nkept\n")

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-sys.path.insert(0, str(BENCH))
-
-import convergence as cv  # noqa: E402
+from benchmarks import convergence as cv
 
 
 def _args(out: Path, strategies: list[str]):

@@ -1,21 +1,16 @@
 """The benchmark's cost counter: meta-device counts equal CPU counts, and what they measure is real."""
 
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-sys.path.insert(0, str(BENCH))
-
-from helpers_tiny import RandomTokens, tiny_peft_llama  # noqa: E402
+from helpers_tiny import RandomTokens, tiny_peft_llama
 
 
 @pytest.mark.parametrize("scope", ["adapter", "full"])
 def test_meta_counts_equal_cpu_counts(tiny_model_dir, scope):
-    from cost_count import build_model, count_sets, meta_model
+    from benchmarks.cost_count import build_model, count_sets, meta_model
 
     sets = [[5, 6], list(range(8))]
     on_meta = count_sets(meta_model(str(tiny_model_dir), scope), scope, sets, 2, 32)
@@ -30,7 +25,7 @@ def test_meta_counts_equal_cpu_counts(tiny_model_dir, scope):
 
 
 def test_saved_bytes_count_activations_once_and_no_parameters():
-    from cost_count import SavedBytes
+    from benchmarks.cost_count import SavedBytes
 
     lin = torch.nn.Linear(8, 8)
     x = torch.randn(4, 8, requires_grad=True)
@@ -73,7 +68,7 @@ def test_cpu_offload_account_names_the_state_kept_off_the_device():
 
 
 def test_cost_table_offload_moves_only_for_the_cpu_mode_and_unknown_variants_are_refused(tmp_path):
-    import cost_table
+    from benchmarks import cost_table
 
     rows = [{"active": a} for a in ([0, 1], [1, 2], [0, 2])]
     sizes = [10, 100, 1000]

@@ -1,23 +1,14 @@
 """benchmarks/gpu_proof.py --dry-run on the CPU: every section's code runs (tiny shapes, the Triton
 interpreter), so the GPU proof script cannot rot between the rare runs on a GPU."""
 
-import importlib.util
 import json
 import re
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_proof.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("gpu_proof", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from benchmarks import gpu_proof
 
 
 def test_time_budget_on_paper_fits_eight_minutes():
-    doc = _load().__doc__
+    doc = gpu_proof.__doc__
     rows = re.findall(r"^([a-z_]+)\s{2,}.*?\s(\d+)$", doc, re.M)
     parts = {name: int(s) for name, s in rows}
     assert set(parts) == {"env", "correctness", "self_check", "timing", "offload", "training", "total"}
@@ -25,7 +16,7 @@ def test_time_budget_on_paper_fits_eight_minutes():
 
 
 def test_dry_run_exercises_every_section(tmp_path):
-    results = _load().main(["--dry-run", "--out", str(tmp_path)])
+    results = gpu_proof.main(["--dry-run", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "gpu_proof.json").read_text())
     assert saved["dry_run"] is True and set(saved["sections"]) == {
         "env", "correctness", "self_check", "timing", "offload", "training"}
