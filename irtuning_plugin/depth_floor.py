@@ -13,17 +13,14 @@ floor is ``cut + 1``.
 
 from __future__ import annotations
 
-import itertools
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from irtuning_plugin.layer_map import LayerMap
 from irtuning_plugin.strategies.base import SENTINEL_SCORE, SelectionContext, SelectionStrategy, StrategyConfigError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from irtuning_plugin.engine import LayerSelectionEngine
+from irtuning_plugin.strategies.runtime import StrategyRuntime
+from irtuning_plugin.strategies.salf import SALFOptions, SALFStrategy
 
 LOG = logging.getLogger(__name__)
 
@@ -75,36 +72,21 @@ def floor_of(strategy: SelectionStrategy) -> int | None:
     return strategy.floor if isinstance(strategy, FlooredStrategy) else 0
 
 
-class _UpperView:
-    """What a floored strategy sees as the engine: the same engine, with only the layers above the floor."""
-
-    def __init__(self, engine: "LayerSelectionEngine", floor: int):
-        self._engine = engine
-        lm = engine.layer_map
-        self.layer_map = LayerMap(lm.layers_path, lm.layers[floor:], lm.scope, lm.params[floor:], lm.names[floor:],
-                                  lm.outside_trainable)
-        self.num_layers = lm.num_layers - floor
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._engine, name)
-
-
-def _calibrate_salf_floor(ctx: SelectionContext) -> tuple[int, dict]:
-    from irtuning_plugin.strategies.salf import SALFOptions, SALFStrategy, _calibration_loader, _rng_untouched
-
-    if ctx.engine is None or ctx.train_dataloader is None:
+def _calibrate_salf_floor(runtime: StrategyRuntime | None) -> tuple[int, dict]:
+    """The floor (cut + 1) of a default salf calibration over every layer, and salf's report."""
+    if runtime is None or runtime.train_dataloader is None:
         raise StrategyConfigError(f"{KEY}=salf calibrates on the training dataloader, which this run does not pass "
                                   f"to the engine; give the floor as a number of layers")
-    salf = SALFStrategy(ctx.num_layers, SALFOptions())
-    loader = _calibration_loader(ctx.train_dataloader)
-    with _rng_untouched(loader):
-        batches = itertools.islice(iter(loader), int(salf.options.calibration_batches))
-        cut = salf.calibrate(ctx.engine.model, ctx.engine.layer_map.layers, batches)
+    salf = SALFStrategy(runtime.num_layers, SALFOptions())
+    cut = salf.calibrate_on(runtime)
     return cut + 1, dict(salf.report)
 
 
 class FlooredStrategy(SelectionStrategy):
-    """Runs ``inner`` over the layers ``floor..L-1`` and reports its choices in the engine's numbering."""
+    """Runs ``inner`` over the layers ``floor..L-1`` and reports its choices in the engine's numbering.
+
+    ``inner`` (the wrapped strategy, ``None`` until a salf floor is known) is set up with the runtime's
+    sliced copy (:meth:`StrategyRuntime.above`); its own state (ist's importance, ...) is read there."""
 
     def __init__(self, cls: type[SelectionStrategy], options: Any, num_layers: int, floor: int | str, prefix: str):
         super().__init__(num_layers, options)
@@ -112,8 +94,6 @@ class FlooredStrategy(SelectionStrategy):
         self.name = cls.name
         self.floor: int | None = None
         self.inner: SelectionStrategy | None = None
-        self._view: _UpperView | None = None
-        self._engine = None
         self._report: dict[str, Any] = {}
         self._logged = False
         if floor != FLOOR_FROM_SALF:
@@ -126,35 +106,27 @@ class FlooredStrategy(SelectionStrategy):
         self.inner = self._cls(upper, self.options)
         self._report.setdefault("depth_floor", floor)
 
-    def __getattr__(self, name: str) -> Any:  # strategy-specific state (ist's importance, ...)
-        inner = self.__dict__.get("inner")
-        if inner is None:
-            raise AttributeError(name)
-        return getattr(inner, name)
-
-    def setup(self, engine: "LayerSelectionEngine") -> None:
-        self._engine = engine
+    def setup(self, runtime: StrategyRuntime) -> None:
+        super().setup(runtime)
         if self.inner is not None:
-            self._view = _UpperView(engine, self.floor)
-            self.inner.setup(self._view)
+            self.inner.setup(runtime.above(self.floor))
 
     def _sub(self, ctx: SelectionContext) -> SelectionContext:
         f = self.floor
         return SelectionContext(
             step=ctx.step, num_layers=self.num_layers - f, scores=ctx.scores[f:].clone(),
             ever_measured=ctx.ever_measured[f:].clone(), fresh=ctx.fresh[f:].clone(),
-            active=[a - f for a in ctx.active if a >= f], generator=ctx.generator, engine=self._view,
-            train_dataloader=ctx.train_dataloader,
+            active=[a - f for a in ctx.active if a >= f], generator=ctx.generator,
         )
 
     def select(self, ctx: SelectionContext) -> list[int]:
         if self.inner is None:  # floor from the salf calibration, on the first selection (before step 1)
-            floor, report = _calibrate_salf_floor(ctx)
+            floor, report = _calibrate_salf_floor(self.runtime)
             self._report.update(report)
             self._build(check_floor_depth(floor, self.num_layers, " (from the salf calibration)"))
             LOG.info("irtuning: depth floor %d from the salf calibration (cut %d); %s selects among layers %d..%d",
                      floor, floor - 1, self.name, floor, self.num_layers - 1)
-            self.setup(self._engine or ctx.engine)
+            self.setup(self.runtime)
         chosen = [int(i) for i in self.inner.select(self._sub(ctx))]
         upper = self.num_layers - self.floor
         bad = [i for i in chosen if not 0 <= i < upper]
@@ -193,7 +165,7 @@ class FlooredStrategy(SelectionStrategy):
         if self.inner is None:  # floor from salf: the checkpoint's, not a new calibration
             self._report.update(state.get("report") or {})
             self._build(check_floor_depth(floor, self.num_layers, " (from the checkpoint)"))
-            self.setup(self._engine)
+            self.setup(self.runtime)
         elif floor != self.floor:
             raise StrategyConfigError(f"the checkpoint was trained with {KEY}={floor}, this run has {self.floor}: "
                                       f"resume with the same {KEY}")

@@ -35,10 +35,11 @@ from irtuning_kernels.dispatch import CheckedLayerGradNorms
 from irtuning_plugin.config import PREFIX, SelectionConfig, selection_fingerprint
 from irtuning_plugin.depth_floor import FLOOR_FROM_SALF, floor_of, floored_strategy, saved_floor
 from irtuning_plugin.distributed import copies_over_ranks, is_sharded, local_part, mean_of_measured, sum_over_ranks
-from irtuning_plugin.layer_map import LayerMap, _is_adapter_param, build_layer_map, set_layers_trainable
+from irtuning_plugin.layer_map import LayerMap, build_layer_map, is_adapter_param, set_layers_trainable
 from irtuning_plugin.offload import OptimizerStateOffload
 from irtuning_plugin.strategies import SENTINEL_SCORE, SelectionContext, get_strategy_class
 from irtuning_plugin.strategies.base import StrategyConfigError
+from irtuning_plugin.strategies.runtime import StrategyRuntime, TrainBatches
 
 LOG = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class SelectionError(RuntimeError):
 
 def _has_adapters(model: nn.Module) -> bool:
     """The model carries LoRA/PEFT adapter tensors."""
-    return any(_is_adapter_param(name) for name, _ in model.named_parameters())
+    return any(is_adapter_param(name) for name, _ in model.named_parameters())
 
 
 STATE_VERSION = 2  # 2 adds the fingerprint of the settings that shape the selection
@@ -97,7 +98,8 @@ class LayerSelectionEngine:
         self._init_sharding()
         self.scored_this_step = False
         self.step_skipped = False
-        self._forward_hooks: list[Any] = []
+        self._forward_hooks: list[Any] = []  # hooks the strategy added (through its runtime); removed by close()
+        self._train_batches = TrainBatches()  # the dataloader of the selection under way, seen by the strategy
         self.last_score_seconds = 0.0
         self.last_select_seconds = 0.0
         self.backward_cut = False
@@ -120,7 +122,7 @@ class LayerSelectionEngine:
         if missing:
             layer, name = missing[0]
             if self.config.scope == "full" and _has_adapters(self.model):
-                frozen = sum(1 for i, n in missing if not _is_adapter_param(n))
+                frozen = sum(1 for i, n in missing if not is_adapter_param(n))
                 raise SelectionError(
                     f"irtuning: irtuning_scope='full' selects all of each layer's parameters, but this model carries "
                     f"LoRA/PEFT adapters and its base weights are frozen, so {frozen} of them are not in the "
@@ -204,7 +206,7 @@ class LayerSelectionEngine:
         self.optimizer = getattr(optimizer, "optimizer", optimizer)
         if self.config.cut_backward:
             self._cut_backward()
-        self.strategy.setup(self)
+        self.strategy.setup(self.strategy_runtime())
         self.started = True
         if state is None:
             self._select(step=0, train_dataloader=train_dataloader)
@@ -520,13 +522,18 @@ class LayerSelectionEngine:
         self.last_row = row
         return row
 
+    def strategy_runtime(self) -> StrategyRuntime:
+        """What the strategy may use of this run (given to its ``setup`` at train start): the model, every
+        decoder layer, the scope, the seed as it is now, the trainable parameters outside the layers, hooks
+        that :meth:`close` removes, and the training dataloader of each selection."""
+        return StrategyRuntime(model=self.model, layers=tuple(self.layer_map.layers), scope=self.config.scope,
+                               seed=self.seed, outside_trainable=tuple(self.layer_map.outside_trainable),
+                               hook_handles=self._forward_hooks, batches=self._train_batches)
+
     def add_layer_forward_hook(self, hook) -> None:
         """Call ``hook(layer_index, module, args, kwargs, output)`` after every forward of a decoder layer
         (for scores that are not gradients, e.g. ``ir``'s cosine); removed by :meth:`close`."""
-        for i, layer in enumerate(self.layer_map.layers):
-            def fn(module, args, kwargs, output, _i=i):
-                hook(_i, module, args, kwargs, output)
-            self._forward_hooks.append(layer.register_forward_hook(fn, with_kwargs=True))
+        self.strategy_runtime().add_layer_forward_hook(hook)
 
     def close(self) -> None:
         """Remove the hooks the engine put on the model and the optimizer (at train end); wait for the
@@ -542,8 +549,9 @@ class LayerSelectionEngine:
         ctx = SelectionContext(
             step=step, num_layers=self.num_layers, scores=self.scores.clone(),
             ever_measured=self.ever_measured.clone(), fresh=self.fresh.clone(), active=list(self.active),
-            generator=self.generator, engine=self, train_dataloader=train_dataloader,
+            generator=self.generator,
         )
+        self._train_batches.dataloader = train_dataloader
         chosen = sorted({int(i) for i in self.strategy.select(ctx)})
         if not chosen or chosen[0] < 0 or chosen[-1] >= self.num_layers:
             raise SelectionError(f"strategy {self.strategy.name!r} chose invalid layers {chosen}")

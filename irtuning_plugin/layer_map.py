@@ -137,7 +137,8 @@ def find_decoder_layers(model: nn.Module, layers_path: str | None = None) -> tup
     return name, mod
 
 
-def _is_adapter_param(name: str) -> bool:
+def is_adapter_param(name: str) -> bool:
+    """The parameter name is that of an adapter tensor (LoRA A/B, DoRA magnitude, LoRA on embeddings)."""
     return any(marker in name for marker in ADAPTER_MARKERS)
 
 
@@ -158,7 +159,7 @@ def build_layer_map(model: nn.Module, scope: str = "adapter", layers_path: str |
         for name, p in block.named_parameters():
             if id(p) in seen:
                 continue
-            if scope == "adapter" and not (_is_adapter_param(name) and p.requires_grad):
+            if scope == "adapter" and not (is_adapter_param(name) and p.requires_grad):
                 continue
             seen.add(id(p))
             ps.append(p)

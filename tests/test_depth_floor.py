@@ -107,7 +107,7 @@ def test_ir_window_and_split_apply_to_the_layers_above(tmp_path):
 
 def test_ist_importance_covers_the_layers_above(tmp_path):
     cb, _ = run(tmp_path, "ist", steps=3)
-    assert len(cb.engine.strategy.importance) == L - FLOOR
+    assert len(cb.engine.strategy.inner.importance) == L - FLOOR
     update = next(r["ist_update"] for r in cb.rows if "ist_update" in r)
     assert all(0 <= i < L - FLOOR for s in update["suppressed"] for i in s)  # the strategy's own numbering
 

@@ -22,7 +22,8 @@ from irtuning_plugin.salf_calibration import (
     layer_gains,
 )
 from irtuning_plugin.strategies import StrategyConfigError
-from irtuning_plugin.strategies.salf import PLOT, SALFOptions, SALFStrategy, _rng_untouched
+from irtuning_plugin.strategies.runtime import StrategyRuntime, TrainBatches
+from irtuning_plugin.strategies.salf import PLOT, SALFOptions, SALFStrategy
 
 from helpers_tiny import RandomTokens, make_trainer, tiny_peft_llama
 
@@ -96,8 +97,10 @@ def test_reading_calibration_batches_leaves_the_data_order_alone(own_generator):
     expected = [b.tolist() for b in loader()]
     torch.manual_seed(5)
     dl = loader()
-    with _rng_untouched(dl):
-        next(iter(dl))
+    runtime = StrategyRuntime(model=torch.nn.Identity(), layers=(), scope="adapter", seed=0,
+                              batches=TrainBatches(dl))
+    with runtime.peek_batches(2) as batches:
+        assert [b.tolist() for b in batches] == expected[:2]  # the same first batches training will see
     assert [b.tolist() for b in dl] == expected
 
 
@@ -145,7 +148,7 @@ def test_manual_cut_skips_calibration():
     strat = SALFStrategy(L, SALFOptions(cut=3))
 
     class Ctx:
-        step, num_layers, engine, train_dataloader = 0, L, None, None
+        step, num_layers = 0, L
 
     assert strat.select(Ctx()) == [4, 5]
     assert strat.log_fields() == {"salf_cut": 3, "salf_source": "option"} and strat.log_fields() == {}

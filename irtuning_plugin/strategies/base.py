@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Sequence
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
-    from irtuning_plugin.engine import LayerSelectionEngine
+    from irtuning_plugin.strategies.runtime import StrategyRuntime
 
 SENTINEL_SCORE = 1000.0  # the reference's "never measured" score, also used for NaN/inf norms
 
@@ -215,8 +215,6 @@ class SelectionContext:
     fresh: torch.Tensor  # bool [L]: measured from the step that just ended
     active: list[int]  # layers that trained in the step that just ended
     generator: torch.Generator  # seeded identically on every rank
-    engine: "LayerSelectionEngine | None" = None
-    train_dataloader: Any = None
 
 
 class SelectionStrategy:
@@ -232,9 +230,12 @@ class SelectionStrategy:
     def __init__(self, num_layers: int, options: Any = None):
         self.num_layers = num_layers
         self.options = options if options is not None else self.Options()
+        self.runtime: StrategyRuntime | None = None  # set by setup()
 
-    def setup(self, engine: "LayerSelectionEngine") -> None:
-        """Called once when training starts, before the first selection."""
+    def setup(self, runtime: "StrategyRuntime") -> None:
+        """Called once when training starts, before the first selection, with what the strategy may use of
+        the run (model, its layers, scope, seed, hooks, training batches). An override calls this first."""
+        self.runtime = runtime
 
     def layer_scores(self, per_tensor_sq: torch.Tensor, layer_ids: torch.Tensor) -> torch.Tensor:
         """Per-layer score from per-tensor squared gradient norms; default: the layer's L2 norm."""

@@ -199,11 +199,12 @@ class IRStrategy(SelectionStrategy):
         self._cosine = torch.full((num_layers,), math.nan, dtype=torch.float64)
 
     # ---- the metrics that are not gradients --------------------------------------------------------
-    def setup(self, engine) -> None:
+    def setup(self, runtime) -> None:
+        super().setup(runtime)
         if self.options.score == "weight":
-            self._o_proj = [attention_output_weight(layer) for layer in engine.layer_map.layers]
+            self._o_proj = [attention_output_weight(layer) for layer in runtime.layers]
         elif self.options.score == "cosine":
-            engine.add_layer_forward_hook(self._record_cosine)
+            runtime.add_layer_forward_hook(self._record_cosine)
 
     def _record_cosine(self, index: int, module: nn.Module, args, kwargs, output) -> None:
         # The reference keeps the first forward of each step; eval-mode forwards are not training steps.

@@ -40,7 +40,7 @@ from irtuning_plugin.strategies.base import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    from irtuning_plugin.engine import LayerSelectionEngine
+    from irtuning_plugin.strategies.runtime import StrategyRuntime
 
 LOG = logging.getLogger(__name__)
 
@@ -243,7 +243,6 @@ class ISTStrategy(SelectionStrategy):
         super().__init__(num_layers, options)
         self.importance = torch.zeros(num_layers, dtype=torch.float64)
         self.data: EstimationData | None = None
-        self._engine: "LayerSelectionEngine | None" = None
         self._data_generator: torch.Generator | None = None
         self._last_update: dict | None = None
         self._pending_order: list[int] | None = None
@@ -268,20 +267,20 @@ class ISTStrategy(SelectionStrategy):
         if self.data is not None and self._pending_order is not None:
             self.data._order = self._pending_order
 
-    def setup(self, engine: "LayerSelectionEngine") -> None:
-        if engine.config.scope != "adapter":
+    def setup(self, runtime: "StrategyRuntime") -> None:
+        if runtime.scope != "adapter":
             raise StrategyConfigError(
                 f"irtuning_strategy=ist damps each layer by scaling its LoRA output, which needs adapters, but "
-                f"irtuning_scope={engine.config.scope!r}: use irtuning_scope: adapter with a LoRA adapter"
+                f"irtuning_scope={runtime.scope!r}: use irtuning_scope: adapter with a LoRA adapter"
             )
-        for i, layer in enumerate(engine.layer_map.layers):
+        for i, layer in enumerate(runtime.layers):
             if not lora_modules(layer):
                 raise StrategyConfigError(
                     f"irtuning_strategy=ist damps each layer by scaling its LoRA output, but decoder layer {i} "
                     f"has no PEFT LoRA module (with a `scaling` dict): apply LoRA to every layer"
                 )
-        self._engine = engine
-        self._data_generator = torch.Generator().manual_seed(engine.seed + 1)
+        super().setup(runtime)
+        self._data_generator = torch.Generator().manual_seed(runtime.seed + 1)
 
     def _is_update_step(self, step: int) -> bool:
         first, every = int(self.options.first_update), int(self.options.update_every)
@@ -310,17 +309,17 @@ class ISTStrategy(SelectionStrategy):
                 "importance": [round(float(x), 6) for x in self.importance]}
 
     def select(self, ctx: SelectionContext) -> list[int]:
-        engine = ctx.engine if ctx.engine is not None else self._engine
+        runtime = self.runtime
         if self.data is None:
-            if ctx.train_dataloader is None or engine is None:
+            if runtime is None or runtime.train_dataloader is None:
                 raise StrategyConfigError("irtuning_strategy=ist needs the Trainer's training dataloader (for its "
                                           "importance updates); drive the engine through LayerSelectionCallback")
-            self.data = EstimationData(ctx.train_dataloader, int(self.options.estimation_batch),
-                                       self._data_generator or torch.Generator().manual_seed(engine.seed + 1))
+            self.data = EstimationData(runtime.train_dataloader, int(self.options.estimation_batch),
+                                       self._data_generator or torch.Generator().manual_seed(runtime.seed + 1))
             if self._pending_order is not None:
                 self.data._order = list(self._pending_order)
         if self._is_update_step(ctx.step):
-            self._last_update = self.update_importance(engine.model, engine.layer_map.layers, ctx.generator)
+            self._last_update = self.update_importance(runtime.model, runtime.layers, ctx.generator)
         n_train = int(float(self.options.train_fraction) * ctx.num_layers)
         return sample_without_replacement(ctx.num_layers, n_train, ctx.generator, torch.sigmoid(-self.importance))
 

@@ -31,7 +31,7 @@ from irtuning_plugin.strategies.base import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    from irtuning_plugin.engine import LayerSelectionEngine
+    from irtuning_plugin.strategies.runtime import StrategyRuntime
 
 LOG = logging.getLogger(__name__)
 
@@ -68,12 +68,13 @@ class LISAStrategy(SelectionStrategy):
     Options = LISAOptions
     summary = "LISA: n uniformly random layers, re-drawn every K steps; embeddings and head keep training"
 
-    def setup(self, engine: "LayerSelectionEngine") -> None:
+    def setup(self, runtime: "StrategyRuntime") -> None:
+        super().setup(runtime)
         if self.options.train_outside:
             return
-        outside = set(engine.layer_map.outside_trainable)
+        outside = set(runtime.outside_trainable)
         frozen = []
-        for name, p in engine.model.named_parameters():
+        for name, p in runtime.model.named_parameters():
             if name in outside and p.requires_grad:
                 p.requires_grad_(False)
                 p.grad = None

@@ -13,9 +13,7 @@ is in docs/salf.md.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import itertools
 import logging
 import math
 import numbers
@@ -48,6 +46,7 @@ from irtuning_plugin.strategies.base import (
     option,
     register_strategy,
 )
+from irtuning_plugin.strategies.runtime import StrategyRuntime
 
 LOG = logging.getLogger(__name__)
 
@@ -125,29 +124,6 @@ class SALFOptions:
                                           f"{prefix}min_trainable={self.min_trainable}..{prefix}max_trainable={hi}")
 
 
-@contextlib.contextmanager
-def _rng_untouched(loader: Any):
-    """Reading batches draws from the global RNG (the sampler's and the workers' seeds) and from any
-    generator the loader or its sampler owns: restore them all, so training sees the same batches, in the
-    same order, as without calibration."""
-    owners = [loader, getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)]
-    generators = {id(g): g for g in (getattr(o, "generator", None) for o in owners) if isinstance(g, torch.Generator)}
-    states = [(g, g.get_state()) for g in generators.values()]
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        try:
-            yield
-        finally:
-            for g, state in states:
-                g.set_state(state)
-
-
-def _calibration_loader(dataloader: Any) -> Any:
-    """The plain torch DataLoader under accelerate's wrapper: breaking out of the wrapper's iterator early
-    would leave it registered as the active dataloader in accelerate's GradientState."""
-    return getattr(dataloader, "base_dataloader", dataloader)
-
-
 @register_strategy
 class SALFStrategy(SelectionStrategy):
     name = "salf"
@@ -199,25 +175,24 @@ class SALFStrategy(SelectionStrategy):
                  self.report["salf_gains"], cut, cut, self.num_layers - 1 - cut)
         return cut
 
+    def calibrate_on(self, runtime: StrategyRuntime) -> int:
+        """:meth:`calibrate` over the runtime's model and layers, on the first ``calibration_batches``
+        batches of its training dataloader, read without moving the Trainer's data order; returns the cut."""
+        # under FSDP2 every rank runs these forwards together, with the LM head and final norm whole
+        with runtime.peek_batches(int(self.options.calibration_batches)) as batches, unsharded_root(runtime.model):
+            return self.calibrate(runtime.model, runtime.layers, batches)
+
     def select(self, ctx: SelectionContext) -> list[int]:
         if self.cut is None:
             if self.options.cut is not None:
                 self.cut = int(self.options.cut)
                 self.report = {"salf_cut": self.cut, "salf_source": "option"}
             else:
-                self._calibrate_from(ctx)
+                if self.runtime is None or self.runtime.train_dataloader is None:
+                    raise CalibrationError("salf calibrates on the training dataloader, which this run does not "
+                                           "pass to the engine; give the cut by hand with irtuning_salf_cut")
+                self.calibrate_on(self.runtime)
         return list(range(self.cut + 1, ctx.num_layers))
-
-    def _calibrate_from(self, ctx: SelectionContext) -> None:
-        key = "irtuning_salf_cut"
-        if ctx.engine is None or ctx.train_dataloader is None:
-            raise CalibrationError(f"salf calibrates on the training dataloader, which this run does not pass to "
-                                   f"the engine; give the cut by hand with {key}")
-        loader = _calibration_loader(ctx.train_dataloader)
-        # under FSDP2 every rank runs these forwards together, with the LM head and final norm whole
-        with _rng_untouched(loader), unsharded_root(ctx.engine.model):
-            batches = itertools.islice(iter(loader), int(self.options.calibration_batches))
-            self.calibrate(ctx.engine.model, ctx.engine.layer_map.layers, batches)
 
     def state_dict(self) -> dict[str, Any]:
         """The cut and the calibration behind it: a resumed run keeps the cut and does not calibrate again."""
