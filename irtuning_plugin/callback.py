@@ -29,7 +29,7 @@ import torch
 from transformers import TrainerCallback
 
 from irtuning_plugin.config import SelectionConfig, check_training_setup
-from irtuning_plugin.engine import _STATE_ADVICE, LayerSelectionEngine, SelectionError
+from irtuning_plugin.engine import STATE_ADVICE, LayerSelectionEngine, SelectionError
 
 LOG = logging.getLogger(__name__)
 
@@ -488,7 +488,7 @@ def read_state_file(path: Path) -> dict:
     except Exception as err:  # noqa: BLE001 - every way a file can be unreadable gets the same advice
         raise SelectionError(f"irtuning: cannot read {path} ({type(err).__name__}): it is truncated, corrupt, or "
                              f"holds objects other than tensors and plain values, which irtuning does not load "
-                             f"(unpickling them could run code from the file): {_STATE_ADVICE}") from None
+                             f"(unpickling them could run code from the file): {STATE_ADVICE}") from None
     resumes = saved.get("resumes", []) if isinstance(saved, dict) else None
     problem = (f"it holds a {type(saved).__name__}, not a dict" if not isinstance(saved, dict)
                else "no integer step" if isinstance(saved.get("step"), bool) or not isinstance(saved.get("step"), int)
@@ -496,7 +496,7 @@ def read_state_file(path: Path) -> dict:
                else "resumes is not a list of records" if not isinstance(resumes, list)
                or not all(isinstance(r, dict) for r in resumes) else "")
     if problem:
-        raise SelectionError(f"irtuning: {path} is not a usable selection state ({problem}): {_STATE_ADVICE}")
+        raise SelectionError(f"irtuning: {path} is not a usable selection state ({problem}): {STATE_ADVICE}")
     return saved
 
 

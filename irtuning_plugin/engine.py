@@ -56,7 +56,7 @@ def _has_adapters(model: nn.Module) -> bool:
 STATE_VERSION = 2  # 2 adds the fingerprint of the settings that shape the selection
 READABLE_STATE_VERSIONS = (1, 2)
 # What to do about a selection state that cannot be used (said in every such refusal).
-_STATE_ADVICE = ("remove that file to resume this checkpoint with the selection started afresh (irtuning warns), "
+STATE_ADVICE = ("remove that file to resume this checkpoint with the selection started afresh (irtuning warns), "
                  "or resume from another checkpoint")
 _STATE_TENSORS = ("scores", "ever_measured", "fresh")
 
@@ -241,14 +241,14 @@ class LayerSelectionEngine:
     def _check_state(self, state: Any, where: str) -> None:
         """The structure :meth:`state_dict` writes, or a one-line SelectionError naming ``where``."""
         def bad(what: str) -> SelectionError:
-            return SelectionError(f"irtuning: {where} is not a usable selection state ({what}): {_STATE_ADVICE}")
+            return SelectionError(f"irtuning: {where} is not a usable selection state ({what}): {STATE_ADVICE}")
 
         if not isinstance(state, dict):
             raise bad(f"it holds a {type(state).__name__}, not a dict")
         if state.get("version") not in READABLE_STATE_VERSIONS:
             raise SelectionError(f"irtuning: {where} is a selection state of version {state.get('version')!r}; "
                                  f"this irtuning reads versions {', '.join(map(str, READABLE_STATE_VERSIONS))}: "
-                                 f"{_STATE_ADVICE}")
+                                 f"{STATE_ADVICE}")
         required = ("strategy", "num_layers", *_STATE_TENSORS, "active", "generator")
         missing = [k for k in required if k not in state]
         if missing:
@@ -317,7 +317,7 @@ class LayerSelectionEngine:
             self.generator.set_state(state["generator"])
         except RuntimeError as err:
             raise SelectionError(f"irtuning: {where} is not a usable selection state (its generator state: "
-                                 f"{err}): {_STATE_ADVICE}") from None
+                                 f"{err}): {STATE_ADVICE}") from None
         if PREFIX + "seed" in changes:  # the new seed takes effect
             self.generator.manual_seed(self.seed)
         self.nonfinite_warned = bool(state.get("nonfinite_warned", False))
@@ -328,7 +328,7 @@ class LayerSelectionEngine:
                 raise
             except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, IndexError) as err:
                 raise SelectionError(f"irtuning: {where}: the state of strategy {self.strategy.name!r} cannot be "
-                                     f"restored ({type(err).__name__}: {err}): {_STATE_ADVICE}") from None
+                                     f"restored ({type(err).__name__}: {err}): {STATE_ADVICE}") from None
         floor = floor_of(self.strategy)
         below = [i for i in self.active if floor is None or i < floor]
         if changes:
@@ -340,7 +340,7 @@ class LayerSelectionEngine:
                 if restart or below else "")
         elif below:  # only a malformed state gets here: the floor's contract holds whatever the flag
             raise SelectionError(f"irtuning: {where} has active layers {below} below {PREFIX}depth_floor={floor}, "
-                                 f"which must never train: {_STATE_ADVICE}")
+                                 f"which must never train: {STATE_ADVICE}")
         return restart or bool(below)
 
     # ---- FSDP2 checkpoints: every optimizer key present -------------------------------------------------
