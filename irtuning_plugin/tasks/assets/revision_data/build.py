@@ -25,8 +25,8 @@ from irtuning_plugin.tasks.assets.revision_data.sources import (
     WORD,
     RevisionDataError,
     Sentence,
-    _version,
     load_sentences,
+    package_version,
 )
 from irtuning_plugin.tasks.revision_task import LABELS, to_segments
 
@@ -226,7 +226,7 @@ def build_revision_dataset(
         "source_files": source_files,
         "source_sentences": len(sentences),
         "lexicon_files": lex.files,
-        "packages": {dist: _version(dist) for dist in ("scattertext", "codespell", "proselint")},
+        "packages": {dist: package_version(dist) for dist in ("scattertext", "codespell", "proselint")},
     }
 
     write_data_folder(out_dir, records, manifest, cache=True)

