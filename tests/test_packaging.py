@@ -101,3 +101,27 @@ def test_repository_root_on_sys_path_shadows_nothing():
     if theirs.startswith("namespace:"):
         pytest.skip("Hugging Face's kernels is not installed in this environment")
     assert not Path(theirs).is_relative_to(REPO / "kernels") and Path(theirs).parent.parent.name == "site-packages", theirs
+
+
+def test_wheel_ships_the_tasks_apart_from_the_plugin(fresh_install):
+    tasks = fresh_install["purelib"] / "irtuning_plugin" / "tasks"
+    for name in ("commands.py", "evaluation.py", "assets/references.py", "assets/revision_data/labels/style.py",
+                 "converters/xlsx.py"):
+        assert (tasks / name).is_file(), name
+    code = ("import sys, irtuning_plugin.cli, irtuning_plugin.callback, irtuning_plugin.axolotl_integration.plugin; "
+            "print([m for m in sys.modules if m.startswith('irtuning_plugin.tasks')])")
+    proc = _run(fresh_install, str(fresh_install["bin"] / "python"), "-c", code)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr[-2000:] + proc.stdout
+
+
+@pytest.mark.slow
+def test_check_from_the_wheel_names_the_command_that_builds_a_missing_asset(fresh_install, tmp_path):
+    recipe = fresh_install["purelib"] / "irtuning_plugin" / "recipes" / "demo-smollm2-ir.yaml"
+    cache = tmp_path / "empty-cache"
+    env = {**fresh_install["env"], "IRTUNING_CACHE": str(cache)}
+    proc = subprocess.run([str(fresh_install["bin"] / "irtuning"), "check", str(recipe)], capture_output=True, text=True,
+                          env=env, cwd=fresh_install["cwd"], timeout=600)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and "build it with `irtuning prepare irtuning://smollm2-135m-instruct`" in lines[-1], \
+        proc.stderr[-3000:]
+    assert not cache.exists()  # the plugin never builds
