@@ -30,6 +30,7 @@ from transformers import TrainerCallback
 
 from irtuning_plugin.config import SelectionConfig, check_training_setup
 from irtuning_plugin.engine import STATE_ADVICE, LayerSelectionEngine, SelectionError
+from irtuning_plugin.trainer_patches import TrainerPatches, fp16_step_will_be_skipped
 
 LOG = logging.getLogger(__name__)
 
@@ -45,14 +46,14 @@ class LayerSelectionCallback(TrainerCallback):
         self.config = config.check()
         # where the few lines a user must see go (Axolotl's console drops other packages' INFO records)
         self.console_log = console_log or LOG
-        self.trainer = trainer
+        self.trainer = None
         self.model = model if model is not None else getattr(trainer, "model", None)
         self.engine = engine
         self.rows: list[dict] = []
         self._jsonl = None
         self._is_main = True
         self._output_dir: Path | None = None
-        self._patched = False
+        self._patches: TrainerPatches | None = None  # what we change on the Trainer (trainer_patches.py)
         self._label_logits_hook = None
         self._resume_arg: Any = None  # what trainer.train(resume_from_checkpoint=...) was given
         self.resumes: list[dict] = []  # {"step", "checkpoint"} of every resume of this run (+ "config_changed")
@@ -61,19 +62,25 @@ class LayerSelectionCallback(TrainerCallback):
         self._log_failed = False  # the per-step log write failed: no more writes until train end
         self._filled_for_save: list = []  # FSDP2: parameters given AdamW's initial state for the next save
         if trainer is not None:
-            self._capture_resume_argument(trainer)
+            self.bind_trainer(trainer)
 
-    def _capture_resume_argument(self, trainer) -> None:
-        """Remember the checkpoint ``trainer.train`` resumes from (the Trainer does not keep it)."""
-        original_train = getattr(trainer, "train", None)
-        if not callable(original_train):
-            return
+    def bind_trainer(self, trainer) -> None:
+        """Use ``trainer``: wrap its ``train`` now (to learn the checkpoint each call resumes from, which the
+        Trainer does not keep); the patches for scoring and logging follow when training starts."""
+        self.trainer = trainer
+        config = self.config
 
-        def train(resume_from_checkpoint=None, *args, **kwargs):
+        def attached() -> bool:
+            handler = getattr(trainer, "callback_handler", None)
+            return handler is None or self in handler.callbacks
+
+        def on_train_call(resume_from_checkpoint) -> None:
             self._resume_arg = resume_from_checkpoint
-            return original_train(resume_from_checkpoint, *args, **kwargs)
 
-        trainer.train = train
+        self._patches = TrainerPatches(trainer, attached=attached, on_train_call=on_train_call,
+                                       engine=lambda: self.engine, per_layer=config.log_scores,
+                                       score_unclipped=config.score_gradients == "unclipped")
+        self._patches.arm()
 
     # ---- wiring --------------------------------------------------------------------------------
     def _build_engine(self, args, model) -> None:
@@ -84,43 +91,6 @@ class LayerSelectionCallback(TrainerCallback):
             raise ValueError("LayerSelectionCallback needs the model (pass model= or trainer=)")
         seed = self.config.seed if self.config.seed is not None else int(getattr(args, "seed", 0))
         self.engine = LayerSelectionEngine(target, self.config, seed=seed)
-
-    def _patch_trainer(self) -> None:
-        """Score before clipping, and put our figures into the Trainer's own log records."""
-        trainer = self.trainer
-        if trainer is None or self._patched:
-            return
-        accelerator = getattr(trainer, "accelerator", None)
-        if self.config.score_gradients == "unclipped" and accelerator is not None:
-            original_clip = accelerator.clip_grad_norm_
-
-            def clip_grad_norm_(parameters, *args, **kwargs):
-                unscaled = _unscale_fp16_gradients(accelerator)
-                self.engine.collect_scores(step_skipped=_fp16_step_will_be_skipped(accelerator, self.engine))
-                if not unscaled:
-                    return original_clip(parameters, *args, **kwargs)
-                # accelerate's clip_grad_norm_ unscales first, and a second unscale_ in one step raises:
-                # the gradients are unscaled already, so let that call pass.
-                own = accelerator.__dict__.get("unscale_gradients")
-                accelerator.unscale_gradients = lambda optimizer=None: None
-                try:
-                    return original_clip(parameters, *args, **kwargs)
-                finally:
-                    if own is None:
-                        del accelerator.unscale_gradients
-                    else:
-                        accelerator.unscale_gradients = own
-
-            accelerator.clip_grad_norm_ = clip_grad_norm_
-        original_log = trainer.log
-
-        def log(logs, *args, **kwargs):
-            if self.engine is not None and self.engine.started and "loss" in logs:
-                logs.update(self.engine.metrics(per_layer=self.config.log_scores))
-            return original_log(logs, *args, **kwargs)
-
-        trainer.log = log
-        self._patched = True
 
     # ---- callback events ---------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
@@ -134,7 +104,8 @@ class LayerSelectionCallback(TrainerCallback):
             fsdp=fsdp, fsdp_config=getattr(args, "fsdp_config", None) if fsdp else None,
             fsdp_version=getattr(fsdp_plugin, "fsdp_version", None) if fsdp else None)
         self._build_engine(args, model)
-        self._patch_trainer()
+        if self._patches is not None:  # undone in on_train_end, or by trainer.train when training raises
+            self._patches.start_training()
         self._install_label_logits(model)
         if self.config.score_gradients == "unclipped" and self.trainer is None and args.max_grad_norm:
             LOG.warning("irtuning: callback added without the Trainer, so scores are of CLIPPED gradients "
@@ -327,7 +298,7 @@ class LayerSelectionCallback(TrainerCallback):
         if self.engine is not None and not self.engine.scored_this_step:
             # The Trainer's clip_grad_norm_ has run (it always does), so fp16 gradients are unscaled here.
             accelerator = getattr(self.trainer, "accelerator", None)
-            self.engine.collect_scores(step_skipped=_fp16_step_will_be_skipped(accelerator, self.engine))
+            self.engine.collect_scores(step_skipped=fp16_step_will_be_skipped(accelerator, self.engine))
         return control
 
     def on_step_end(self, args, state, control, train_dataloader=None, **kwargs):
@@ -345,11 +316,14 @@ class LayerSelectionCallback(TrainerCallback):
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is not None and not self._patched and self.engine is not None and "loss" in logs:
+        logs_patched = self._patches is not None and self._patches.logs_patched
+        if logs is not None and not logs_patched and self.engine is not None and "loss" in logs:
             logs.update(self.engine.metrics(per_layer=self.config.log_scores))
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
+        if self._patches is not None:
+            self._patches.end_training()
         if self.engine is not None:
             self._drop_filled()
             self.engine.close()
@@ -422,30 +396,6 @@ def _backprop_note(engine: LayerSelectionEngine) -> str:
     if engine._input_grad_hooks():
         return "not cut (the input-grad hook stays; it runs down to layer 0)"
     return "stops at the lowest trained layer (no input-grad hook)"
-
-
-def _fp16_scaler(accelerator: Any):
-    scaler = getattr(accelerator, "scaler", None)
-    return scaler if scaler is not None and scaler.is_enabled() else None
-
-
-def _unscale_fp16_gradients(accelerator: Any) -> bool:
-    """Under fp16 mixed precision, unscale the gradients now (as accelerate's clip_grad_norm_ would do a
-    moment later), so scores are of the true gradients, not of gradients times the loss scale.
-    True when this call unscaled them."""
-    if _fp16_scaler(accelerator) is None:
-        return False
-    accelerator.unscale_gradients()
-    return True
-
-
-def _fp16_step_will_be_skipped(accelerator: Any, engine: LayerSelectionEngine) -> bool:
-    """True when the fp16 loss scaler found inf/NaN gradients while unscaling: it will skip this step."""
-    scaler = _fp16_scaler(accelerator)
-    if scaler is None or engine.optimizer is None:
-        return False
-    state = getattr(scaler, "_per_optimizer_states", {}).get(id(engine.optimizer), {})
-    return any(float(v.sum()) > 0 for v in state.get("found_inf_per_device", {}).values())
 
 
 def attach_layer_selection(trainer: Any, config: SelectionConfig | None = None) -> LayerSelectionCallback:

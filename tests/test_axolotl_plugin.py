@@ -146,29 +146,29 @@ def _bad_cfg_file(tmp_path, tiny_model_dir, **over):
     return path
 
 
-def test_our_error_is_printed_as_one_line(tiny_model_dir, capsys, monkeypatch):
-    """The hook the plugin installs prints our message alone; other errors keep their traceback."""
+def test_our_error_is_printed_as_one_line(tmp_path, tiny_model_dir, monkeypatch):
+    """Axolotl's config loader (that of every `axolotl` command) ends with our message alone and exit status 1;
+    other errors keep their traceback; sys.excepthook is never replaced."""
+    from axolotl.cli.config import load_cfg
+
     from irtuning_plugin.axolotl_integration import errors
 
     monkeypatch.delenv(errors.TRACEBACK_ENV, raising=False)
-    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
-    errors.install_concise_config_errors()
-    errors.install_concise_config_errors()  # once per process
     hook = sys.excepthook
-    assert hook.irtuning and hook is not sys.__excepthook__
-    try:
-        validate(base_cfg(tiny_model_dir, irtuning_ir_interval=2.5))
-    except Exception as exc:  # noqa: BLE001 - pydantic's ValidationError
-        assert type(exc).__name__ == "ValidationError"
-        hook(type(exc), exc, exc.__traceback__)
-    err = capsys.readouterr().err
-    assert err.splitlines()[-2:] == ["irtuning config error: irtuning_ir_interval=2.5; must be a whole number, not a fraction",
-                                "(set IRTUNING_FULL_TRACEBACK=1 for the full traceback)"]
-    try:
-        raise KeyError("not ours")
-    except KeyError as exc:
-        hook(type(exc), exc, exc.__traceback__)
-    assert "Traceback" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as ended:
+        load_cfg(str(_bad_cfg_file(tmp_path, tiny_model_dir, irtuning_ir_interval=2.5)))
+    assert isinstance(ended.value.code, str)  # Python prints it alone and exits with status 1
+    assert ended.value.code.splitlines() == ["irtuning config error: irtuning_ir_interval=2.5; must be a whole number, not a fraction",
+                                             "(set IRTUNING_FULL_TRACEBACK=1 for the full traceback)"]
+    assert sys.excepthook is hook
+    with pytest.raises(Exception) as err:  # not ours: Axolotl's own refusal keeps pydantic's error and traceback
+        load_cfg(str(_bad_cfg_file(tmp_path, tiny_model_dir, micro_batch_size="two")))
+    assert type(err.value).__name__ == "ValidationError" and "micro_batch_size" in str(err.value)
+    monkeypatch.setenv(errors.TRACEBACK_ENV, "1")
+    with pytest.raises(Exception, match="irtuning_ir_interval=2.5; must be a whole number") as err:
+        load_cfg(str(_bad_cfg_file(tmp_path, tiny_model_dir, irtuning_ir_interval=2.5)))
+    assert type(err.value).__name__ == "ValidationError"
+    assert sys.excepthook is hook
 
 
 @pytest.mark.slow

@@ -1,21 +1,25 @@
 """Config errors on Axolotl's command line: our one-line message instead of a pydantic traceback.
 
 Axolotl validates the config with pydantic, so a refusal of ours arrives as a ``ValidationError`` whose
-traceback (about 50 lines through click, Axolotl and pydantic) ends with our message. The hook installed
-here prints only that message, for uncaught errors of ours; every other error keeps Python's traceback,
-and ``IRTUNING_FULL_TRACEBACK=1`` restores it for ours too. The exit status stays 1.
+traceback (about 50 lines through click, Axolotl and pydantic) ends with our message. Axolotl's config
+loader (``axolotl.cli.config.load_cfg``, used by every ``axolotl`` command) calls the listed plugins'
+``on_config_validation_error`` while it handles a rejected config; there the plugin calls
+:func:`exit_on_our_config_error`, which ends the process with our message alone (``SystemExit``: exit
+status 1, no traceback). Every other error keeps Python's traceback, ``IRTUNING_FULL_TRACEBACK=1``
+restores it for ours too, and ``sys.excepthook`` is never touched.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
 from irtuning_plugin.engine import SelectionError
 from irtuning_plugin.layer_map import LayerMapError
 from irtuning_plugin.strategies.base import StrategyConfigError
+from irtuning_plugin.user_input import TRACEBACK_ENV, full_traceback_wanted
 
-TRACEBACK_ENV = "IRTUNING_FULL_TRACEBACK"
+__all__ = ["OURS", "TRACEBACK_ENV", "exit_on_our_config_error", "irtuning_message"]
+
 OURS = (StrategyConfigError, LayerMapError, SelectionError)
 
 
@@ -35,19 +39,11 @@ def irtuning_message(exc: BaseException | None) -> str | None:
     return None
 
 
-def install_concise_config_errors() -> None:
-    """Wrap ``sys.excepthook`` once per process (no-op with IRTUNING_FULL_TRACEBACK=1)."""
-    if os.environ.get(TRACEBACK_ENV) == "1" or getattr(sys.excepthook, "irtuning", False):
+def exit_on_our_config_error() -> None:
+    """While an error is being handled: when it is (or wraps) one of ours, end the process with its message
+    in one line, unless IRTUNING_FULL_TRACEBACK=1 asks for the traceback."""
+    if full_traceback_wanted():
         return
-    previous = sys.excepthook
-
-    def excepthook(etype, value, tb):
-        message = irtuning_message(value)
-        if message is None:
-            return previous(etype, value, tb)
-        sys.stderr.write(f"irtuning config error: {message}\n(set {TRACEBACK_ENV}=1 for the full traceback)\n")
-        sys.stderr.flush()
-        return None
-
-    excepthook.irtuning = True  # type: ignore[attr-defined]
-    sys.excepthook = excepthook
+    message = irtuning_message(sys.exc_info()[1])
+    if message is not None:
+        raise SystemExit(f"irtuning config error: {message}\n(set {TRACEBACK_ENV}=1 for the full traceback)")

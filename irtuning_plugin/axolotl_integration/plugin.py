@@ -36,12 +36,15 @@ class IRTuningPlugin(BasePlugin):
         return "irtuning_plugin.axolotl_integration.args.IRTuningArgs"
 
     def register(self, cfg):
-        from irtuning_plugin.axolotl_integration.errors import install_concise_config_errors
-
-        install_concise_config_errors()
         if plugin_active(cfg) and _first_instance(self):
             # irtuning:// names a built-in asset; the plugin never builds one (`irtuning prepare` does).
             resolve_axolotl_references(cfg)
+
+    def on_config_validation_error(self, cfg):
+        # Axolotl's config loader rejected the config and is handling the error: ours ends the run in one line
+        from irtuning_plugin.axolotl_integration.errors import exit_on_our_config_error
+
+        exit_on_our_config_error()
 
     def pre_lora_load(self, cfg, model):
         if plugin_active(cfg) and _first_instance(self):

@@ -18,8 +18,6 @@ hook (which peft installs for checkpointed models) is not needed, so the backwar
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import importlib.machinery
 import importlib.util
 import logging
@@ -219,24 +217,15 @@ def _callback_class():
     return LlamaFactorySelectionCallback
 
 
-@contextlib.contextmanager
 def trainer_capture(callback: Any):
-    """While active, a Trainer created with ``callback`` among its callbacks hands itself to it."""
-    from transformers import Trainer
+    """While active (a ``with`` block), a Trainer created with ``callback`` among its callbacks is bound to it."""
+    from irtuning_plugin.trainer_patches import capture_new_trainers
 
-    original = Trainer.__init__
+    def on_new(trainer: Any) -> None:
+        if callback.trainer is None and callback in trainer.callback_handler.callbacks:
+            callback.bind_trainer(trainer)
 
-    @functools.wraps(original)
-    def __init__(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        if callback.trainer is None and callback in self.callback_handler.callbacks:
-            callback.trainer = self
-
-    Trainer.__init__ = __init__
-    try:
-        yield callback
-    finally:
-        Trainer.__init__ = original
+    return capture_new_trainers(on_new)
 
 
 def train(cfg: Mapping[str, Any], *, watchers: Callable[[Any], Iterable[Any]] | None = None) -> Any:
