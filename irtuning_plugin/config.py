@@ -7,21 +7,22 @@ the offending key and its allowed values.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
-from irtuning_plugin.depth_floor import check_floor_value
+from irtuning_plugin.keys import KeyType, StrategyConfigError, key_types, make_options, option_fields
 from irtuning_plugin.layer_map import SCOPES
-from irtuning_plugin.strategies import get_strategy_class, registered_strategies
-from irtuning_plugin.strategies.base import KeyType, StrategyConfigError, key_types, make_options, option_fields
+from irtuning_plugin.strategies import SelectionStrategy, get_strategy_class, registered_strategies
 
 PREFIX = "irtuning_"
 SCORE_GRADIENTS = ("unclipped", "clipped")
 KERNEL_BACKENDS = ("auto", "torch", "triton", "reference")
 FROZEN_OPTIMIZER_STATES = ("keep", "cpu", "drop")
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes 64 bits; the engine derives seed + 1 for ist's data order
+FLOOR_FROM_SALF = "salf"  # irtuning_depth_floor: salf = the floor from the salf calibration
 
 
 def _opt(default: Any, help: str, **kw) -> Any:  # noqa: A002
@@ -74,21 +75,63 @@ class SelectionConfig:
     strategy_options: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> "SelectionConfig":
+        """Refuse a bad value (one line naming the key and what it allows) and return ``self``.
+
+        The work is done once for the values the config holds: the callback, the engine and the
+        fingerprint all call this, and a later call with unchanged values only compares them with the
+        checked ones. A config changed after its check (any key, or inside ``strategy_options``) is
+        checked again."""
+        values = _checked_values(self)
+        checked = self.__dict__.get("_checked")
+        if checked is not None and checked[0] == values:
+            return self
+        self.__dict__.pop("_checked", None)
         cls = get_strategy_class(self.strategy)
         for name, kind in key_types(SelectionConfig).items():
             if name != "strategy":  # checked above, with the list of strategies
                 kind.check(PREFIX + name, getattr(self, name))
         if not isinstance(self.strategy_options, dict):
             raise StrategyConfigError(f"strategy_options={self.strategy_options!r}; must be a dict of option values")
-        check_floor_value(self.depth_floor, self.strategy)
+        check_floor_value(self.depth_floor, cls)
         if self.kernel_backend == "triton":
             _check_triton_usable()
-        make_options(cls, self.strategy_options, f"{PREFIX}{self.strategy}_")
+        options = make_options(cls, self.strategy_options, f"{PREFIX}{self.strategy}_")
+        # not a dataclass field: it stays out of fields(), asdict(), ==, repr and the fingerprint
+        self.__dict__["_checked"] = (values, options)
         return self
 
     def build_options(self) -> Any:
-        cls = get_strategy_class(self.strategy)
-        return make_options(cls, self.strategy_options, f"{PREFIX}{self.strategy}_")
+        """The chosen strategy's options (a new copy each call), from the check of the current values."""
+        self.check()
+        return copy.deepcopy(self.__dict__["_checked"][1])
+
+
+def _typed(value: Any) -> Any:
+    """``value`` with the type of every part kept, so that ``1``, ``1.0`` and ``True`` compare unequal."""
+    if isinstance(value, dict):
+        return (type(value), tuple((_typed(k), _typed(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return (type(value), tuple(_typed(v) for v in value))
+    return (type(value), value)
+
+
+def _checked_values(config: SelectionConfig) -> tuple:
+    """What :meth:`SelectionConfig.check` validates, as a comparable snapshot (a copy: later changes to
+    the config's lists and dicts do not reach it)."""
+    return tuple(_typed(getattr(config, f.name)) for f in dataclasses.fields(config))
+
+
+def check_floor_value(value: Any, strategy: type[SelectionStrategy]) -> None:
+    """irtuning_depth_floor at config time (the layer count is not known yet): a layer count or 'salf',
+    and only with a strategy that accepts a floor (:attr:`SelectionStrategy.accepts_depth_floor`)."""
+    key = PREFIX + "depth_floor"
+    if value is None:
+        return
+    if value != FLOOR_FROM_SALF and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise StrategyConfigError(f"{key}={value!r}; allowed: a whole number of layers >= 0, or 'salf'")
+    if not strategy.accepts_depth_floor and value not in (0, None):
+        raise StrategyConfigError(f"{key}={value!r} cannot be combined with irtuning_strategy={strategy.name!r}, "
+                                  f"which chooses its layers itself: remove {key} (salf's cut is a floor already)")
 
 
 def _check_triton_usable() -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from irtuning_plugin.config import FLOOR_FROM_SALF
 from irtuning_plugin.strategies.base import SENTINEL_SCORE, SelectionContext, SelectionStrategy, StrategyConfigError
 from irtuning_plugin.strategies.runtime import StrategyRuntime
 from irtuning_plugin.strategies.salf import SALFOptions, SALFStrategy
@@ -25,20 +26,8 @@ from irtuning_plugin.strategies.salf import SALFOptions, SALFStrategy
 LOG = logging.getLogger(__name__)
 
 KEY = "irtuning_depth_floor"
-FLOOR_FROM_SALF = "salf"
-# Strategies that fix their layers themselves: a floor would contradict them.
-NO_FLOOR = ("salf", "fixed")
-
-
-def check_floor_value(value: Any, strategy: str) -> None:
-    """Config-time check (the layer count is not known yet)."""
-    if value is None:
-        return
-    if value != FLOOR_FROM_SALF and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-        raise StrategyConfigError(f"{KEY}={value!r}; allowed: a whole number of layers >= 0, or 'salf'")
-    if strategy in NO_FLOOR and value not in (0, None):
-        raise StrategyConfigError(f"{KEY}={value!r} cannot be combined with irtuning_strategy={strategy!r}, which "
-                                  f"chooses its layers itself: remove {KEY} (salf's cut is a floor already)")
+# The config-time check of the key (a count or 'salf', and only for a strategy that accepts a floor) is
+# config.check_floor_value.
 
 
 def check_floor_depth(floor: int, num_layers: int, source: str = "") -> int:

@@ -187,7 +187,7 @@ class LayerSelectionEngine:
         never measured keeps score 1000 and is chosen every step) that train nothing. ``all`` is exempt:
         it chooses every layer anyway."""
         empty = self.layer_map.empty_layers
-        if empty and self.strategy.name != "all":
+        if empty and get_strategy_class(self.config.strategy).freezes_layers:  # the class: a floored one is wrapped
             raise SelectionError(
                 f"irtuning: decoder layer(s) {empty} of {self.num_layers} hold no selectable "
                 f"{'trainable adapter ' if self.config.scope == 'adapter' else ''}tensors at train start (LoRA "

@@ -10,6 +10,7 @@ class AllLayersStrategy(SelectionStrategy):
     name = "all"
     summary = "every layer trains every step (plain LoRA / full fine-tuning)"
     fixed_after_first_step = True
+    freezes_layers = False
 
     def select(self, ctx: SelectionContext) -> list[int]:
         return list(range(ctx.num_layers))

@@ -7,15 +7,21 @@ only answers "which layers train in the next optimizer step".
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import math
-import types
-import typing
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import torch
+
+# The key types live in irtuning_plugin.keys; these names stay importable from here (and from
+# irtuning_plugin.strategies) for strategy modules and user code.
+from irtuning_plugin.keys import (  # noqa: F401 - re-exported
+    KeyType,
+    StrategyConfigError,
+    key_types,
+    make_options,
+    option,
+    option_fields,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from irtuning_plugin.strategies.runtime import StrategyRuntime
@@ -25,183 +31,10 @@ SENTINEL_SCORE = 1000.0  # the reference's "never measured" score, also used for
 _REGISTRY: dict[str, type["SelectionStrategy"]] = {}
 
 
-class StrategyConfigError(ValueError):
-    """A strategy option has a value the strategy cannot use."""
-
-
 @dataclass
 class NoOptions:
     def check(self, prefix: str, num_layers: int | None = None) -> None:  # noqa: D401 - nothing to check
         return None
-
-
-def option(default: Any, help: str, **kwargs) -> Any:  # noqa: A002 - mirrors argparse
-    """A documented strategy option (the help text reaches the Axolotl args model and the key table in docs/keys.md).
-
-    Its type is the field's annotation (see :class:`KeyType`); ``choices=(...)`` on a ``str`` field
-    makes it a choice of those strings.
-    """
-    return dataclasses.field(default=default, metadata={"help": help, **kwargs})
-
-
-# ---- key types ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class KeyType:
-    """The values one key accepts, read from its dataclass annotation.
-
-    Supported: ``int``, ``float`` (an int is accepted too), ``bool``, ``str`` (non-empty), ``list[int]``,
-    ``Literal["a", "b"]`` (or ``str`` with ``choices=``), and unions of them, e.g. ``int | Literal["salf"]``
-    for "a layer count or the word salf". ``None`` only means "unset". Checking is strict, as YAML gives
-    real types: ``'2'`` is not a number, ``2.5`` is not a whole number, ``1`` is not ``true``.
-    """
-
-    ints: bool = False
-    floats: bool = False
-    bools: bool = False
-    strings: bool = False
-    int_lists: bool = False
-    choices: tuple[str, ...] = ()
-    # inclusive bounds of a number (field metadata ``minimum=`` / ``maximum=``), for values that reach an
-    # API with a range of its own (a seed reaches torch.Generator.manual_seed)
-    minimum: int | float | None = None
-    maximum: int | float | None = None
-
-    @classmethod
-    def from_field(cls, f: dataclasses.Field, annotation: Any) -> "KeyType":
-        kw: dict[str, Any] = {}
-        choices: list[str] = []
-        for t in _union_members(annotation):
-            if t is type(None):
-                continue
-            origin = typing.get_origin(t)
-            if t is bool:
-                kw["bools"] = True
-            elif t is int:
-                kw["ints"] = True
-            elif t is float:
-                kw["floats"] = True
-            elif t is str:
-                if f.metadata.get("choices"):
-                    choices.extend(f.metadata["choices"])
-                else:
-                    kw["strings"] = True
-            elif origin is Literal:
-                choices.extend(typing.get_args(t))
-            elif origin is list and typing.get_args(t) == (int,):
-                kw["int_lists"] = True
-            else:
-                raise TypeError(f"key {f.name!r}: annotation {annotation!r} is not a supported key type")
-        if not all(isinstance(c, str) for c in choices):
-            raise TypeError(f"key {f.name!r}: choices must be strings, got {choices!r}")
-        return cls(**kw, choices=tuple(dict.fromkeys(choices)), minimum=f.metadata.get("minimum"),
-                   maximum=f.metadata.get("maximum"))
-
-    def describe(self) -> str:
-        parts = []
-        if self.ints and not self.floats:
-            parts.append("a whole number" + self._range())
-        if self.floats:
-            parts.append("a number" + self._range())
-        if self.bools:
-            parts.append("true or false")
-        if self.int_lists:
-            parts.append("a list of whole numbers")
-        if self.strings:
-            parts.append("a non-empty string")
-        if self.choices:
-            parts.append(self.choices[0] if len(self.choices) == 1 else "one of " + ", ".join(self.choices))
-        return " or ".join(parts)
-
-    def _range(self) -> str:
-        if self.minimum is None and self.maximum is None:
-            return ""
-        if self.maximum is None:
-            return f" >= {self.minimum}"
-        if self.minimum is None:
-            return f" <= {self.maximum}"
-        return f" in {self.minimum}..{self.maximum}"
-
-    def _in_range(self, value: int | float) -> bool:
-        return ((self.minimum is None or value >= self.minimum)
-                and (self.maximum is None or value <= self.maximum))
-
-    def accepts(self, value: Any) -> bool:
-        if value is None:
-            return True
-        if isinstance(value, bool):
-            return self.bools
-        if isinstance(value, int):
-            return (self.ints or self.floats) and self._in_range(value)
-        if isinstance(value, float):
-            return self.floats and math.isfinite(value) and self._in_range(value)
-        if isinstance(value, str):
-            return value in self.choices or (self.strings and bool(value.strip()))
-        if isinstance(value, (list, tuple)):
-            return self.int_lists and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
-        return False
-
-    def check(self, key: str, value: Any) -> None:
-        """Raise a one-line :class:`StrategyConfigError` naming ``key`` unless ``value`` has this type."""
-        if self.accepts(value):
-            return
-        only_choices = self.choices and not (self.ints or self.floats or self.bools or self.strings or self.int_lists)
-        if only_choices:
-            raise StrategyConfigError(f"{key}={value!r}; allowed: {', '.join(self.choices)}")
-        if isinstance(value, float) and self.floats and not math.isfinite(value):
-            raise StrategyConfigError(f"{key}={value!r}; must be a finite number")
-        raise StrategyConfigError(f"{key}={value!r}; must be {self.describe()}{self._hint(value)}")
-
-    def _hint(self, value: Any) -> str:
-        if isinstance(value, str):
-            text = value.strip()
-            if self.bools and text.lower() in ("true", "false"):
-                return f" (write {text.lower()} without quotes)"
-            for wanted, parse in ((self.ints, int), (self.floats, float)):
-                try:
-                    if wanted and math.isfinite(parse(text)):
-                        return f" (write {text} without quotes)"
-                except ValueError:
-                    pass
-        if isinstance(value, float) and self.ints and not self.floats:
-            return ", not a fraction"
-        if isinstance(value, (list, tuple)) and self.int_lists:
-            bad = next(i for i in value if isinstance(i, bool) or not isinstance(i, int))
-            return f" ({bad!r} is not a whole number)"
-        return ""
-
-    def pydantic_annotation(self) -> Any:
-        """The same type for a pydantic model (strict: no '2' -> 2 coercion)."""
-        from pydantic import AllowInfNan, Strict, StrictBool, StrictInt, StringConstraints
-
-        members: list[Any] = []
-        if self.ints or self.floats:
-            members.append(StrictInt)
-        if self.floats:
-            members.append(typing.Annotated[float, Strict(), AllowInfNan(False)])
-        if self.bools:
-            members.append(StrictBool)
-        if self.int_lists:
-            members.append(list[StrictInt])
-        if self.strings:
-            members.append(typing.Annotated[str, StringConstraints(strict=True, min_length=1)])
-        if self.choices:
-            members.append(Literal[self.choices])
-        return typing.Optional[typing.Union[tuple(members)]]
-
-
-def _union_members(annotation: Any) -> tuple[Any, ...]:
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return tuple(m for a in typing.get_args(annotation) for m in _union_members(a))
-    return (annotation,)
-
-
-@functools.lru_cache(maxsize=None)
-def key_types(options_cls: type) -> dict[str, KeyType]:
-    """Field name -> :class:`KeyType` of a dataclass of keys (a strategy's options, SelectionConfig); fields
-    without a help text are not user keys and are left out."""
-    hints = typing.get_type_hints(options_cls)
-    return {f.name: KeyType.from_field(f, hints[f.name]) for f in dataclasses.fields(options_cls)
-            if "help" in f.metadata}
 
 
 @dataclass
@@ -226,6 +59,14 @@ class SelectionStrategy:
     # True when the trainable set chosen at step 0 never changes afterwards (torch_compile is then safe:
     # a changing set flips requires_grad, which torch.compile guards on, so every new set recompiles).
     fixed_after_first_step: ClassVar[bool] = False
+    # What the strategy accepts and does, declared here rather than listed by name elsewhere:
+    # the irtuning_scope values it works with;
+    scopes: ClassVar[tuple[str, ...]] = ("adapter", "full")
+    # whether irtuning_depth_floor may be combined with it (False: it fixes its layers itself);
+    accepts_depth_floor: ClassVar[bool] = True
+    # whether it ever leaves a layer frozen. False (``all``): DDP needs no find_unused_parameters, a PEFT
+    # layer filter does not conflict with it, and a layer with nothing selectable is not an error.
+    freezes_layers: ClassVar[bool] = True
 
     def __init__(self, num_layers: int, options: Any = None):
         self.num_layers = num_layers
@@ -293,25 +134,6 @@ def get_strategy_class(name: str) -> type[SelectionStrategy]:
             f"irtuning_strategy={name!r} is not a strategy; allowed: {', '.join(sorted(_REGISTRY))}"
         )
     return cls
-
-
-def option_fields(cls: type[SelectionStrategy]) -> list[dataclasses.Field]:
-    return list(dataclasses.fields(cls.Options))
-
-
-def make_options(cls: type[SelectionStrategy], values: dict[str, Any], prefix: str) -> Any:
-    """Build and check ``cls.Options`` from ``values`` (unset/None keys keep their defaults)."""
-    known = {f.name for f in option_fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        allowed = ", ".join(prefix + k for k in sorted(known)) or "none"
-        raise StrategyConfigError(f"{prefix}{unknown[0]} is not an option of strategy {cls.name!r}; its options: {allowed}")
-    types_ = key_types(cls.Options)
-    for name, value in values.items():
-        types_[name].check(prefix + name, value)
-    opts = cls.Options(**{k: v for k, v in values.items() if v is not None})
-    opts.check(prefix)
-    return opts
 
 
 def sample_without_replacement(n: int, k: int, generator: torch.Generator, weights: torch.Tensor | None = None) -> list[int]:

@@ -22,11 +22,9 @@ class FixedOptions:
         key = f"{prefix}layers"
         if self.layers is None:
             raise StrategyConfigError(f"{key} is required with irtuning_strategy: fixed (a list of layer indices)")
-        if isinstance(self.layers, (str, bytes)) or not isinstance(self.layers, (list, tuple)) or not self.layers:
+        if not self.layers:
             raise StrategyConfigError(f"{key}={self.layers!r}; must be a non-empty list of layer indices")
         for i in self.layers:
-            if isinstance(i, bool) or not isinstance(i, int):
-                raise StrategyConfigError(f"{key}={list(self.layers)!r}: {i!r} is not a layer index")
             if i < 0 or (num_layers is not None and i >= num_layers):
                 top = f"0..{num_layers - 1}" if num_layers is not None else ">= 0"
                 raise StrategyConfigError(f"{key}={list(self.layers)!r}: layer {i} is outside {top}"
@@ -41,6 +39,7 @@ class FixedLayersStrategy(SelectionStrategy):
     Options = FixedOptions
     summary = "a fixed list of layers trains every step (as peft's layers_to_transform)"
     fixed_after_first_step = True
+    accepts_depth_floor = False  # its list is the whole choice
 
     def select(self, ctx: SelectionContext) -> list[int]:
         return sorted(int(i) for i in self.options.layers)

@@ -173,9 +173,7 @@ class IROptions:
     interval: int = option(1, "re-select every this many optimizer steps (the paper: every step)")
 
     def check(self, prefix: str, num_layers: int | None = None) -> None:
-        for name, allowed in (("score", SCORES), ("boundary", BOUNDARIES), ("cut", CUTS)):
-            if getattr(self, name) not in allowed:
-                raise StrategyConfigError(f"{prefix}{name}={getattr(self, name)!r}; allowed: {', '.join(allowed)}")
+        """Ranges and the window; the types (and the choices of score, boundary, cut) are checked by the key types."""
         lo, hi = float(self.window_low), float(self.window_high)
         if not 0.0 < lo < hi < 1.0:
             raise StrategyConfigError(

@@ -185,7 +185,7 @@ def mean_loss(model: nn.Module, batches: Sequence[Any]) -> float:
 
 
 def _fraction_count(prefix: str, key: str, value: Any, num_layers: int | None) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
+    if not 0.0 < float(value) <= 1.0:
         raise StrategyConfigError(f"{prefix}{key}={value!r}; must be a fraction in (0, 1]")
     if num_layers is not None and int(float(value) * num_layers) < 1:
         raise StrategyConfigError(f"{prefix}{key}={value} selects int({value} * {num_layers}) = 0 of the "
@@ -193,7 +193,7 @@ def _fraction_count(prefix: str, key: str, value: Any, num_layers: int | None) -
 
 
 def _positive_int(prefix: str, key: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if value < minimum:
         raise StrategyConfigError(f"{prefix}{key}={value!r}; must be a whole number >= {minimum}")
 
 
@@ -222,12 +222,12 @@ class ISTOptions:
                     f"{size} of the model's {num_layers} layers exist"
                 )
         factor = self.suppress_factor
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0.0 <= float(factor) < 1.0:
+        if not 0.0 <= float(factor) < 1.0:
             raise StrategyConfigError(f"{prefix}suppress_factor={factor!r}; must be in [0, 1)")
         _positive_int(prefix, "update_every", self.update_every)
         _positive_int(prefix, "first_update", self.first_update)
         _positive_int(prefix, "estimation_batch", self.estimation_batch)
-        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not float(self.lr) > 0.0:
+        if not float(self.lr) > 0.0:
             raise StrategyConfigError(f"{prefix}lr={self.lr!r}; must be > 0")
 
 

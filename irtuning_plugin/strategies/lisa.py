@@ -37,9 +37,8 @@ LOG = logging.getLogger(__name__)
 
 
 def check_layer_count(prefix: str, key: str, value, num_layers: int | None) -> int:
-    """``value`` must be an int in 1..num_layers; the message names ``prefix + key`` and the layer count."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise StrategyConfigError(f"{prefix}{key}={value!r}; must be a whole number of layers")
+    """``value`` (a whole number: its key's type) must be in 1..num_layers; the message names ``prefix + key``
+    and the layer count."""
     if value < 1:
         raise StrategyConfigError(f"{prefix}{key}={value}; must be >= 1")
     if num_layers is not None and value > num_layers:
@@ -56,10 +55,8 @@ class LISAOptions:
 
     def check(self, prefix: str, num_layers: int | None = None) -> None:
         check_layer_count(prefix, "n_layers", self.n_layers, num_layers)
-        if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
+        if self.interval < 1:
             raise StrategyConfigError(f"{prefix}interval={self.interval!r}; must be a whole number >= 1")
-        if not isinstance(self.train_outside, bool):
-            raise StrategyConfigError(f"{prefix}train_outside={self.train_outside!r}; must be true or false")
 
 
 @register_strategy

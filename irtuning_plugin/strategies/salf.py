@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import numbers
 import sys
 import time
 from dataclasses import dataclass
@@ -53,10 +52,6 @@ LOG = logging.getLogger(__name__)
 PLOT = "irtuning_salf.png"
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 @dataclass
 class SALFOptions:
     metric: str = option("logit_lens", "deviation measured in each latent space: 'logit_lens' = cross-entropy of "
@@ -80,18 +75,12 @@ class SALFOptions:
                                   choices=EMBEDDING_SPACE)
 
     def check(self, prefix: str, num_layers: int | None = None) -> None:
-        if self.metric not in METRICS:
-            raise StrategyConfigError(f"{prefix}metric={self.metric!r}; allowed: {', '.join(METRICS)}")
-        if self.embedding_space not in EMBEDDING_SPACE:
-            raise StrategyConfigError(f"{prefix}embedding_space={self.embedding_space!r}; allowed: "
-                                      f"{', '.join(EMBEDDING_SPACE)}")
-        if self.estimator not in ESTIMATORS:
-            raise StrategyConfigError(f"{prefix}estimator={self.estimator!r}; allowed: {', '.join(ESTIMATORS)}")
-        if not _is_int(self.calibration_batches) or self.calibration_batches < 1:
+        """Ranges and how the keys combine; the types and choices are checked by the key types."""
+        if self.calibration_batches < 1:
             raise StrategyConfigError(f"{prefix}calibration_batches={self.calibration_batches!r}; must be an "
                                       f"integer >= 1")
         t = self.semantics_temperature
-        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf")):
+        if t is not None and not 0 < t < float("inf"):
             raise StrategyConfigError(f"{prefix}semantics_temperature={t!r}; must be a number > 0")
         L = num_layers
         span = "1..L" if L is None else f"1..{L} for a {L}-layer model"
@@ -99,7 +88,7 @@ class SALFOptions:
             value = getattr(self, name)
             if value is None:
                 continue
-            if not _is_int(value) or value < 1 or (L is not None and value > L):
+            if value < 1 or (L is not None and value > L):
                 raise StrategyConfigError(f"{prefix}{name}={value!r}; allowed {span}")
         if self.max_trainable is not None and self.min_trainable > self.max_trainable:
             raise StrategyConfigError(f"{prefix}min_trainable={self.min_trainable} > {prefix}max_trainable="
@@ -108,7 +97,7 @@ class SALFOptions:
             return
         # A cut of L-1 would freeze every layer (nothing to train): refused, like the engine refuses an
         # empty selection. Use irtuning_strategy: all for no freezing.
-        if not _is_int(self.cut) or self.cut < 0 or (L is not None and self.cut > L - 2):
+        if self.cut < 0 or (L is not None and self.cut > L - 2):
             if L is None:
                 allowed = "0..L-2 (L-1 would train nothing)"
             elif L >= 2:
@@ -131,6 +120,7 @@ class SALFStrategy(SelectionStrategy):
     summary = ("SALF-style semantic-aware freezing: one calibration pass before training picks a cut; "
                "layers up to it freeze, the ones above train for the whole run")
     fixed_after_first_step = True
+    accepts_depth_floor = False  # its cut is a floor already
 
     def __init__(self, num_layers: int, options: Any = None):
         super().__init__(num_layers, options)
