@@ -146,13 +146,30 @@ def test_cycle_finder_reports_the_path():
     assert find_cycle_through(graph, "d") is None
 
 
-@pytest.mark.parametrize("module", sorted(MODULES))
+# Violations still present when this test was written, as strict xfails: once one is fixed its item
+# XPASSes, which fails, and the entry must be removed here. module -> what the violation is.
+KNOWN_CYCLES: dict[str, str] = {}
+KNOWN_PRIVATE_IMPORTS: dict[str, str] = {}
+
+
+def _items(known: dict[str, str]) -> list:
+    return [pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=known[m])) if m in known else m
+            for m in sorted(MODULES)]
+
+
+def test_known_violations_name_existing_modules():
+    """A module moved or removed must not leave a stale xfail entry behind."""
+    stale = sorted((set(KNOWN_CYCLES) | set(KNOWN_PRIVATE_IMPORTS)) - set(MODULES))
+    assert not stale, f"KNOWN_* entries for modules that no longer exist: {stale}"
+
+
+@pytest.mark.parametrize("module", _items(KNOWN_CYCLES))
 def test_module_is_on_no_import_cycle(module):
     cycle = find_cycle_through(import_graph(), module)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
-@pytest.mark.parametrize("module", sorted(MODULES))
+@pytest.mark.parametrize("module", _items(KNOWN_PRIVATE_IMPORTS))
 def test_module_imports_no_private_name_of_another_module(module):
     found = private_imports(module)
     assert not found, "; ".join(found)
