@@ -28,7 +28,8 @@ from typing import Any, Callable
 import torch
 from transformers import TrainerCallback
 
-from irtuning_plugin.config import SelectionConfig, check_training_setup
+from irtuning_plugin import preflight
+from irtuning_plugin.config import SelectionConfig
 from irtuning_plugin.engine import STATE_ADVICE, LayerSelectionEngine, SelectionError
 from irtuning_plugin.trainer_patches import TrainerPatches, fp16_step_will_be_skipped
 
@@ -94,15 +95,7 @@ class LayerSelectionCallback(TrainerCallback):
 
     # ---- callback events ---------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
-        trainer = self.trainer  # DeepSpeed/FSDP may also come from accelerate's config, not the arguments
-        fsdp = getattr(args, "fsdp", None) or getattr(trainer, "is_fsdp_enabled", False)
-        # accelerate's FSDP plugin knows the version in use (transformers 5 defaults to 2, accelerate to 1)
-        fsdp_plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "fsdp_plugin", None)
-        check_training_setup(
-            self.config, torch_compile=getattr(args, "torch_compile", None),
-            deepspeed=getattr(args, "deepspeed", None) or getattr(trainer, "is_deepspeed_enabled", False),
-            fsdp=fsdp, fsdp_config=getattr(args, "fsdp_config", None) if fsdp else None,
-            fsdp_version=getattr(fsdp_plugin, "fsdp_version", None) if fsdp else None)
+        self._check_setup(args)
         self._build_engine(args, model)
         if self._patches is not None:  # undone in on_train_end, or by trainer.train when training raises
             self._patches.start_training()
@@ -112,7 +105,6 @@ class LayerSelectionCallback(TrainerCallback):
                         "(max_grad_norm=%s); use attach_layer_selection(trainer, config) to score unclipped "
                         "ones as the reference does", args.max_grad_norm)
         self._is_main = bool(getattr(state, "is_world_process_zero", True))
-        self._check_ddp()
         if self.engine.sharded:  # the initial states a checkpoint's save filled in (see _fill_for_save)
             self.engine.drop_initial_optimizer_state(optimizer=optimizer)
         saved = self._load_checkpoint_state(args, state)
@@ -199,18 +191,20 @@ class LayerSelectionCallback(TrainerCallback):
                               "predict a label token onto the vocabulary")
 
     # ---- multi-process and checkpoints --------------------------------------------------------
-    def _check_ddp(self) -> None:
-        """Frozen layers get no gradient, which DDP refuses unless it looks for unused parameters."""
-        wrapped = getattr(self.trainer, "model_wrapped", None)
-        if not isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) or self.config.strategy == "all":
-            return
-        if not wrapped.find_unused_parameters:
-            from irtuning_plugin.engine import SelectionError
-
-            raise SelectionError(
-                f"irtuning: irtuning_strategy={self.config.strategy!r} freezes layers, whose parameters then get "
-                f"no gradient, and DDP was built with find_unused_parameters=False (it would stop at the next "
-                f"step): set ddp_find_unused_parameters: true (TrainingArguments(ddp_find_unused_parameters=True))")
+    def _check_setup(self, args) -> None:
+        """The preflight refusals, from the Trainer's arguments and what accelerate and DDP were built with."""
+        trainer = self.trainer  # DeepSpeed/FSDP may also come from accelerate's config, not the arguments
+        fsdp = getattr(args, "fsdp", None) or getattr(trainer, "is_fsdp_enabled", False)
+        # accelerate's FSDP plugin knows the version in use (transformers 5 defaults to 2, accelerate to 1)
+        fsdp_plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "fsdp_plugin", None)
+        wrapped = getattr(trainer, "model_wrapped", None)
+        ddp = isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
+        preflight.check(preflight.TrainingSetup(
+            preflight.TRAINER, self.config.strategy, self.config.scope, torch_compile=getattr(args, "torch_compile", None),
+            deepspeed=getattr(args, "deepspeed", None) or getattr(trainer, "is_deepspeed_enabled", False),
+            fsdp=fsdp, fsdp_config=getattr(args, "fsdp_config", None) if fsdp else None,
+            fsdp_version=getattr(fsdp_plugin, "fsdp_version", None) if fsdp else None,
+            ddp_find_unused_parameters=bool(wrapped.find_unused_parameters) if ddp else None))
 
     def _checkpoint_candidates(self, args, state) -> list[Path]:
         out = []

@@ -150,69 +150,6 @@ def _check_triton_usable() -> None:
                                   f"auto (Triton on CUDA, torch elsewhere) or torch")
 
 
-def _deepspeed_stage(deepspeed: Any) -> str:
-    """'ZeRO stage N' from a DeepSpeed config (a dict or a JSON file), or '' when it cannot be read."""
-    import json
-
-    cfg = deepspeed
-    if isinstance(deepspeed, (str, os.PathLike)):
-        try:
-            with open(deepspeed, encoding="utf-8") as fh:
-                cfg = json.load(fh)
-        except (OSError, ValueError):
-            return ""
-    stage = (cfg.get("zero_optimization") or {}).get("stage") if isinstance(cfg, dict) else None
-    return f"ZeRO stage {stage}" if stage is not None else ""
-
-
-def fsdp_version_of(fsdp_config: Any = None, fsdp_version: Any = None) -> int | None:
-    """The FSDP version a set-up asks for: ``fsdp_version`` (Axolotl's top-level key, accelerate's plugin),
-    else ``fsdp_config``'s ``fsdp_version`` / ``version``; None when none says."""
-    if fsdp_version is None and isinstance(fsdp_config, Mapping):
-        fsdp_version = fsdp_config.get("fsdp_version", fsdp_config.get("version"))
-    if fsdp_version is None:
-        return None
-    try:
-        return int(str(fsdp_version))
-    except ValueError:
-        raise StrategyConfigError(f"fsdp_version={fsdp_version!r}; allowed: 1, 2") from None
-
-
-def check_training_setup(config: SelectionConfig, *, torch_compile: Any = None, deepspeed: Any = None,
-                         fsdp: Any = None, fsdp_config: Any = None, fsdp_version: Any = None) -> None:
-    """Refuse training set-ups that would fail or silently train wrong with layer selection.
-
-    Framework-neutral: Axolotl's args model passes its own keys, the callback passes the Trainer's
-    arguments (so a plain Trainer or LLaMA-Factory gets the same refusals). Each refusal names the key
-    and says why; the "what is refused, and why" table in docs/refusals.md lists them. FSDP2 (``fsdp_version: 2``,
-    per-parameter DTensor sharding) is supported; an FSDP set-up that does not say its version is taken
-    as FSDP1 (accelerate's and Axolotl's default).
-    """
-    if torch_compile and not get_strategy_class(config.strategy).fixed_after_first_step:
-        static = ", ".join(n for n, c in registered_strategies().items() if c.fixed_after_first_step)
-        raise StrategyConfigError(
-            f"torch_compile={torch_compile!r} with irtuning_strategy={config.strategy!r}: the trained layers change "
-            f"during training, and torch.compile recompiles the model for every new set (it guards on "
-            f"requires_grad), so steps get far slower; remove torch_compile, or use a strategy whose layers never "
-            f"change after step 0 ({static})")
-    if deepspeed:
-        stage = _deepspeed_stage(deepspeed)
-        raise StrategyConfigError(
-            f"deepspeed is set{f' ({stage})' if stage else ''}: irtuning does not support DeepSpeed. ZeRO moves "
-            f"gradients into its own flat, partitioned buffers (the per-layer scores would be of a shard, or of "
-            f"nothing) and builds its optimizer once from the parameters that require grad at initialize (ZeRO-3 "
-            f"also drops frozen ones), while irtuning switches layers on and off every step; remove deepspeed "
-            f"(DDP is supported), or shard with FSDP2 instead (fsdp_version: 2; supported with a plain Trainer)")
-    version = fsdp_version_of(fsdp_config, fsdp_version)
-    if (fsdp or fsdp_config) and version != 2:
-        raise StrategyConfigError(
-            f"fsdp is set: irtuning does not support FSDP version {version or 1} (FSDP1): its flat parameters "
-            f"(without use_orig_params) cannot freeze single layers and its gradients live in flat shards the "
-            f"per-layer scores cannot be read from; use FSDP2 with a plain Trainer (per-parameter sharding, "
-            f"supported: fsdp_version: 2 in accelerate's config or fsdp_config: {{version: 2}} in TrainingArguments; "
-            f"yaml_recipes/fsdp2/), or remove fsdp/fsdp_config (DDP is supported)")
-
-
 # Engine keys left out of the resume fingerprint: none of them changes which layers are chosen.
 NOT_IN_FINGERPRINT = {
     "kernel_backend": "the same per-layer norms computed another way (float rounding only); a resume may move "

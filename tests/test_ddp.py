@@ -76,7 +76,7 @@ def test_plain_trainer_ddp_without_find_unused_parameters_is_refused(tmp_path):
 
     from irtuning_plugin.callback import LayerSelectionCallback
     from irtuning_plugin.config import SelectionConfig
-    from irtuning_plugin.engine import SelectionError
+    from irtuning_plugin.strategies import StrategyConfigError
 
     from helpers_tiny import tiny_peft_llama
 
@@ -88,9 +88,9 @@ def test_plain_trainer_ddp_without_find_unused_parameters_is_refused(tmp_path):
             cb = LayerSelectionCallback(SelectionConfig(strategy="ir"), model,
                                         trainer=SimpleNamespace(model_wrapped=ddp, train=lambda *a, **k: None))
             if find_unused:
-                cb._check_ddp()
+                cb._check_setup(SimpleNamespace())
             else:
-                with pytest.raises(SelectionError, match="set ddp_find_unused_parameters: true"):
-                    cb._check_ddp()
+                with pytest.raises(StrategyConfigError, match="set ddp_find_unused_parameters: true"):
+                    cb._check_setup(SimpleNamespace())
     finally:
         torch.distributed.destroy_process_group()

@@ -362,22 +362,24 @@ def test_trainer_resume_when_layers_have_no_optimizer_state_at_the_checkpoint(tm
 
 # ---- what is refused ---------------------------------------------------------------------------------
 def test_fsdp2_passes_the_shared_check_and_fsdp1_deepspeed_are_refused_naming_fsdp2():
-    from irtuning_plugin.config import SelectionConfig, check_training_setup
+    from irtuning_plugin.preflight import TRAINER, TrainingSetup, check
     from irtuning_plugin.strategies import StrategyConfigError
 
-    config = SelectionConfig(strategy="ir")
-    check_training_setup(config, fsdp="full_shard", fsdp_config={"version": 2})  # TrainingArguments' key
-    check_training_setup(config, fsdp=True, fsdp_version=2)  # accelerate's plugin / Axolotl's key
+    def check_trainer_setup(**kw):  # a plain Trainer's set-up, as the callback describes it
+        check(TrainingSetup(TRAINER, "ir", **kw))
+
+    check_trainer_setup(fsdp="full_shard", fsdp_config={"version": 2})  # TrainingArguments' key
+    check_trainer_setup(fsdp=True, fsdp_version=2)  # accelerate's plugin / Axolotl's key
     for kw in ({"fsdp": "full_shard"}, {"fsdp_config": {"fsdp_version": 1}}, {"fsdp": True, "fsdp_version": "1"}):
         with pytest.raises(StrategyConfigError) as err:
-            check_training_setup(config, **kw)
+            check_trainer_setup(**kw)
         message = str(err.value)
         assert message.startswith("fsdp is set: irtuning does not support FSDP version 1 (FSDP1)")
         assert "use FSDP2 with a plain Trainer" in message and "\n" not in message
     with pytest.raises(StrategyConfigError, match=r"fsdp_version='two'; allowed: 1, 2"):
-        check_training_setup(config, fsdp=True, fsdp_version="two")
+        check_trainer_setup(fsdp=True, fsdp_version="two")
     with pytest.raises(StrategyConfigError, match=r"or shard with FSDP2 instead \(fsdp_version: 2"):
-        check_training_setup(config, deepspeed={"zero_optimization": {"stage": 3}})
+        check_trainer_setup(deepspeed={"zero_optimization": {"stage": 3}})
 
 
 def test_the_callback_reads_the_fsdp_version_from_accelerate():

@@ -78,14 +78,14 @@ def test_shipped_architecture_configs_have_the_real_sizes(model):
 
 @pytest.mark.parametrize("model,name", RECIPES, ids=IDS)
 def test_recipe_validates_on_a_meta_model_of_its_architecture(model, name, monkeypatch):
-    from irtuning_plugin.axolotl_integration import args as plugin_args
+    from irtuning_plugin import preflight
 
     cfg = load(model, name)
     assert cfg["base_model"] == MODELS[model][0]
     cfg["base_model"] = str(ARCH / model)  # the real architecture, no weights
     built = []
-    real = plugin_args._meta_model
-    monkeypatch.setattr(plugin_args, "_meta_model", lambda data: built.append(real(data)) or built[-1])
+    real = preflight.meta_model
+    monkeypatch.setattr(preflight, "meta_model", lambda *a: built.append(real(*a)) or built[-1])
     out = validate(cfg)
     assert out.irtuning_strategy == name.split("-")[0]
     assert len(built) == 1 and built[0] is not None and str(built[0].device) == "meta"

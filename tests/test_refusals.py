@@ -1,5 +1,8 @@
 """What is refused before training, and why (the table in docs/refusals.md): each row has a test here or is named there.
 
+The table's preflight rows are generated from irtuning_plugin/preflight.py (a test here compares them with the
+committed file); tests/test_preflight.py fires every rule through each integration it applies to.
+
 torch_compile is refused where the trained layers change during training and allowed where they never
 change after step 0; a compile test counts the graphs Dynamo builds to show why.
 """
@@ -10,8 +13,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from irtuning_plugin import preflight
 from irtuning_plugin.callback import LayerSelectionCallback, attach_layer_selection
-from irtuning_plugin.config import SelectionConfig, check_training_setup, config_from_flat
+from irtuning_plugin.config import SelectionConfig, config_from_flat
 from irtuning_plugin.layer_map import build_layer_map
 from irtuning_plugin.strategies import StrategyConfigError, registered_strategies
 
@@ -89,7 +93,7 @@ def test_torch_compile_builds_one_graph_where_layers_never_change(tmp_path, stra
 @pytest.mark.slow
 def test_torch_compile_recompiles_when_layers_change(tmp_path, monkeypatch):
     """Why the refusal: with the check bypassed, IR's changing sets make Dynamo build a graph per new set."""
-    monkeypatch.setattr("irtuning_plugin.callback.check_training_setup", lambda *a, **k: None)
+    monkeypatch.setattr(LayerSelectionCallback, "_check_setup", lambda self, args: None)
     graphs, cb, _ = _compiled_run(tmp_path, "ir", {}, max_steps=3)
     sets = {tuple(r["active"]) for r in cb.rows}
     assert len(sets) > 1 and graphs >= len(sets), (graphs, sets)
@@ -157,7 +161,19 @@ def test_the_callback_refuses_the_same_trainer_arguments(args, fragment):
 
 
 def test_training_setup_check_passes_plain_ddp():
-    check_training_setup(SelectionConfig(strategy="ir"), torch_compile=False, deepspeed=None, fsdp="")
+    preflight.check(preflight.TrainingSetup(preflight.TRAINER, "ir", torch_compile=False, deepspeed=None, fsdp="",
+                                            ddp_find_unused_parameters=True))
+
+
+def test_the_committed_table_is_the_one_generated_from_the_rules():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "docs" / "refusals.md"
+    text = path.read_text(encoding="utf-8")
+    assert preflight.with_refusals_table(text) == text, (
+        "docs/refusals.md is out of date: python -m irtuning_plugin.preflight --write docs/refusals.md")
+    section = text.split("### What is refused, and why", 1)[1].split("\n## ", 1)[0]
+    assert preflight.TABLE_START in section  # the generated rows are inside the section the next test reads
 
 
 def test_every_row_of_the_readme_refusal_table_names_existing_tests():

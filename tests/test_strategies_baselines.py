@@ -362,9 +362,15 @@ def test_options_checked_against_the_layer_count(strategy, options, fragment):
     assert fragment in str(err.value)
 
 
-def test_ist_refuses_full_scope_and_a_missing_dataloader():
+def test_ist_refuses_full_scope_and_a_missing_dataloader(tmp_path):
+    # the plain Trainer refuses it at train start (preflight's strategy-scope rule, as Axolotl and LLaMA-Factory)
+    trainer = make_trainer(tiny_peft_llama(), tmp_path, max_steps=1)
+    attach_layer_selection(trainer, SelectionConfig(strategy="ist", scope="full"))
+    with pytest.raises(StrategyConfigError, match="irtuning_strategy='ist' works only with irtuning_scope: adapter, "
+                                                  "not irtuning_scope='full'"):
+        trainer.train()
     engine = LayerSelectionEngine(tiny_peft_llama(), SelectionConfig(strategy="ist", scope="full"))
-    with pytest.raises(StrategyConfigError, match="irtuning_strategy=ist damps .* irtuning_scope='full'"):
+    with pytest.raises(AssertionError, match="irtuning_scope='full' reached ist"):  # the engine's internal guard
         engine.begin(None, DataLoader(RandomTokens()), check_optimizer=False)
     engine = LayerSelectionEngine(tiny_peft_llama(), SelectionConfig(strategy="ist"))
     with pytest.raises(StrategyConfigError, match="needs the Trainer's training dataloader"):

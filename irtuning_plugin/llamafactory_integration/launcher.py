@@ -28,25 +28,12 @@ from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
-from irtuning_plugin.config import PREFIX, SelectionConfig, check_training_setup, config_from_flat
-from irtuning_plugin.layer_map import SCOPES
-from irtuning_plugin.strategies import get_strategy_class
+from irtuning_plugin import preflight
+from irtuning_plugin.config import PREFIX, SelectionConfig, config_from_flat
 from irtuning_plugin.user_input import read_yaml_mapping
 
 LOG = logging.getLogger(__name__)
 
-# Stages trained by the transformers Trainer loop (PPO runs its own loop: no optimizer-step callbacks).
-TRAINER_STAGES = ("pt", "sft", "rm", "dpo", "kto")
-FINETUNING_SCOPES = {"lora": "adapter", "full": "full"}
-# LLaMA-Factory settings that select, freeze or update layers themselves.
-OWN_LAYER_HANDLING = {
-    "use_badam": "BAdam trains one block of layers at a time itself",
-    "use_llama_pro": "LLaMA Pro trains only its expanded blocks",
-    "galore_layerwise": "layer-wise GaLore steps each parameter inside backward, before gradients can be scored",
-    "apollo_layerwise": "layer-wise APOLLO steps each parameter inside backward, before gradients can be scored",
-    "use_mca": "Megatron-Core training does not run the transformers Trainer",
-    "use_ray": "Ray trains in worker processes, out of the launcher's reach (no unclipped scores, no run record)",
-}
 # The qualified name of LLaMA-Factory's checkpoint wrapper (model/model_utils/checkpointing.py, 0.9.5).
 _LF_CHECKPOINT_WRAPPER = "get_custom_gradient_checkpointing_func.<locals>.custom_gradient_checkpointing_func"
 
@@ -73,6 +60,15 @@ def _refuse(message: str) -> None:
     raise LlamaFactoryConfigError(message)
 
 
+def llamafactory_setup(cfg: Mapping[str, Any], config: SelectionConfig) -> preflight.TrainingSetup:
+    """The run as the preflight rules see it, from the recipe's keys (LLaMA-Factory's defaults filled in)."""
+    return preflight.TrainingSetup(
+        preflight.LLAMAFACTORY, config.strategy, config.scope, finetuning_type=cfg.get("finetuning_type", "lora"),
+        torch_compile=cfg.get("torch_compile"), deepspeed=cfg.get("deepspeed"), fsdp=cfg.get("fsdp"),
+        fsdp_config=cfg.get("fsdp_config"), ddp_find_unused_parameters=cfg.get("ddp_find_unused_parameters"),
+        keys=cfg)
+
+
 def check_recipe(cfg: Mapping[str, Any], *, meta_model: bool = True,
                  parse_with_llamafactory: bool = False) -> SelectionConfig:
     """Our keys first (the Axolotl checks), then the LLaMA-Factory combinations that cannot work; with
@@ -84,49 +80,11 @@ def check_recipe(cfg: Mapping[str, Any], *, meta_model: bool = True,
         _refuse(f"irtuning_strategy is not set{but}: set irtuning_strategy (e.g. ir), or train without "
                 "layer selection with llamafactory-cli train")
     config = config_from_flat(cfg)
-    strategy = config.strategy
-    finetuning_type = cfg.get("finetuning_type", "lora")
-    if finetuning_type == "freeze":
-        _refuse(f"finetuning_type: freeze freezes layers itself (freeze_trainable_layers), which conflicts with "
-                f"irtuning_strategy={strategy!r}: use finetuning_type: lora, or full with irtuning_scope: full")
-    if finetuning_type not in FINETUNING_SCOPES:
-        _refuse(f"finetuning_type={finetuning_type!r} is not supported with irtuning; allowed: lora "
-                f"(irtuning_scope: adapter), full (irtuning_scope: full)")
-    scopes = getattr(get_strategy_class(strategy), "scopes", SCOPES)
-    if config.scope not in scopes:
-        _refuse(f"irtuning_strategy={strategy!r} works only with irtuning_scope: {' or '.join(scopes)}, "
-                f"not irtuning_scope={config.scope!r}")
-    if config.scope == "adapter" and finetuning_type != "lora":
-        _refuse(f"irtuning_scope='adapter' (the default) selects LoRA layers but finetuning_type={finetuning_type!r}: "
-                "set finetuning_type: lora, or irtuning_scope: full")
-    if config.scope == "full" and finetuning_type != "full":
-        _refuse(f"irtuning_scope='full' selects whole layers but finetuning_type={finetuning_type!r} "
-                "(LLaMA-Factory's default is lora): set finetuning_type: full, or irtuning_scope: adapter")
-    for key, why in OWN_LAYER_HANDLING.items():
-        if cfg.get(key):
-            _refuse(f"{key}: {why}, which conflicts with irtuning_strategy={strategy!r}: remove {key}")
-    stage = cfg.get("stage", "sft")
-    if stage not in TRAINER_STAGES:
-        _refuse(f"stage={stage!r} runs its own training loop, which never calls the optimizer-step callbacks "
-                f"irtuning needs; allowed with irtuning: {', '.join(TRAINER_STAGES)}")
-    if not cfg.get("do_train"):
-        _refuse("do_train is not true: irtuning selects layers while training; set do_train: true")
-    # the refusals shared with Axolotl and the callback (DeepSpeed, FSDP, torch_compile with changing layers)
-    check_training_setup(config, torch_compile=cfg.get("torch_compile"), deepspeed=cfg.get("deepspeed"),
-                         fsdp=cfg.get("fsdp"), fsdp_config=cfg.get("fsdp_config"))
-    if cfg.get("fsdp") or cfg.get("fsdp_config"):  # FSDP2 passed the shared check: not proven here
-        _refuse("fsdp is set: irtuning does not support FSDP2 under LLaMA-Factory yet (not tested through its "
-                "launcher; FSDP2 is proven with a plain Trainer, yaml_recipes/fsdp2/); remove fsdp/fsdp_config (DDP "
-                "is supported)")
-    if cfg.get("ddp_find_unused_parameters") is False:
-        _refuse("ddp_find_unused_parameters: false, but frozen layers leave parameters unused in a step: set it "
-                "to true or remove it (irtuning sets it)")
+    preflight.check(llamafactory_setup(cfg, config), error=LlamaFactoryConfigError)
     if meta_model and isinstance(cfg.get("model_name_or_path"), str) and "://" not in cfg["model_name_or_path"]:
-        from irtuning_plugin.axolotl_integration.args import _check_on_meta_model
-
         # same check as on Axolotl: the layer list resolves and the options fit its length
-        _check_on_meta_model({"base_model": cfg["model_name_or_path"],
-                              "trust_remote_code": cfg.get("trust_remote_code")}, config)
+        preflight.check_options_on_model(
+            preflight.meta_model(cfg["model_name_or_path"], cfg.get("trust_remote_code")), config)
     if parse_with_llamafactory:
         check_llamafactory_arguments(cfg)
     return config

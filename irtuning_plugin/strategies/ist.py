@@ -268,11 +268,8 @@ class ISTStrategy(SelectionStrategy):
             self.data._order = self._pending_order
 
     def setup(self, runtime: "StrategyRuntime") -> None:
-        if runtime.scope != "adapter":
-            raise StrategyConfigError(
-                f"irtuning_strategy=ist damps each layer by scaling its LoRA output, which needs adapters, but "
-                f"irtuning_scope={runtime.scope!r}: use irtuning_scope: adapter with a LoRA adapter"
-            )
+        # every integration refuses another scope before training (preflight's strategy-scope rule)
+        assert runtime.scope in self.scopes, f"irtuning_scope={runtime.scope!r} reached ist"
         for i, layer in enumerate(runtime.layers):
             if not lora_modules(layer):
                 raise StrategyConfigError(
