@@ -1,7 +1,7 @@
 """How many layers enter and leave ``ir``'s trained set per step, and what ``frozen_optimizer_state: cpu``
 would move for it at Llama-3.1-8B full fine-tuning. Reads only committed results; trains nothing.
 
-    python benchmarks/churn.py            # prints a markdown table (the RESULTS.md churn section)
+    python -m benchmarks.churn            # prints a markdown table (the RESULTS.md churn section)
 
 * Exact counts where the committed rows hold each step's trained set (the cost runs in
   ``results/costs-smollm2``: 5-8 steps each).

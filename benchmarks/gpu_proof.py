@@ -1,7 +1,7 @@
 """One command that proves (or disproves) irtuning's GPU paths on one H100/H200, in under 8 minutes.
 
-    python benchmarks/gpu_proof.py --out benchmarks/results/gpu/<date>-<card>      # on the GPU
-    python benchmarks/gpu_proof.py --dry-run --out /tmp/proof                     # CPU, seconds (CI)
+    python -m benchmarks.gpu_proof --out benchmarks/results/gpu/<date>-<card>      # on the GPU
+    python -m benchmarks.gpu_proof --dry-run --out /tmp/proof                     # CPU, seconds (CI)
 
 Writes ``gpu_proof.json`` (every figure, rewritten after each section, so a run cut short still leaves
 what it measured) and ``gpu_proof.md`` (a short report with the goals) into ``--out``. Needs no network:
