@@ -86,7 +86,9 @@ class TrainerPatches:
 
     def _train(self, original: Callable) -> Callable:
         def train(resume_from_checkpoint=None, *args, **kwargs):
-            if self.entry.replacement is not train or not self.entry.installed or not self._attached():
+            if not (self.entry.installed and self.entry.replacement is train):
+                return original(resume_from_checkpoint, *args, **kwargs)  # an earlier one of ours, left idle
+            if not self._attached():
                 self.entry.undo()  # the callback was removed from this Trainer: leave it as it was
                 return original(resume_from_checkpoint, *args, **kwargs)
             self._on_train_call(resume_from_checkpoint)

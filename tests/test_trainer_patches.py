@@ -197,6 +197,27 @@ def test_removed_callback_takes_its_entry_wrapper_away(tmp_path):
     assert attributes(trainer) == before and cb.engine is None
 
 
+def test_entry_left_under_another_wrapper_stays_idle_and_is_not_stacked():
+    """Detached while someone's wrapper sits over ours, the entry cannot be taken out: it then passes calls
+    through, and a later arm records each call once."""
+    calls, recorded, handler = [], [], SimpleNamespace(callbacks=["ours"])
+    trainer = SimpleNamespace(train=lambda resume_from_checkpoint=None: calls.append(resume_from_checkpoint),
+                              callback_handler=handler)
+    patches = TrainerPatches(trainer, attached=lambda: "ours" in handler.callbacks, on_train_call=recorded.append,
+                             engine=lambda: None, score_unclipped=False, per_layer=False)
+    patches.arm()
+    ours = trainer.train
+    trainer.train = lambda resume_from_checkpoint=None: ours(resume_from_checkpoint)  # someone else's wrapper
+    handler.callbacks.clear()
+    trainer.train("a")
+    assert calls == ["a"] and recorded == [] and not patches.entry.installed
+    handler.callbacks.append("ours")
+    patches.arm()
+    trainer.train("b")
+    assert calls == ["a", "b"] and recorded == ["b"]
+    assert patches.entry.installed and vars(trainer)["train"] is patches.entry.replacement  # the idle one left it
+
+
 # ---- fp16: unscale_gradients is set aside for one clip call only --------------------------------
 class FakeScaler:
     def __init__(self):
