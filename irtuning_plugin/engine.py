@@ -37,6 +37,7 @@ from irtuning_plugin.depth_floor import FLOOR_FROM_SALF, floor_of, floored_strat
 from irtuning_plugin.distributed import copies_over_ranks, is_sharded, local_part, mean_of_measured, sum_over_ranks
 from irtuning_plugin.layer_map import LayerMap, build_layer_map, is_adapter_param, set_layers_trainable
 from irtuning_plugin.offload import OptimizerStateOffload
+from irtuning_plugin.preflight import scope_refusal
 from irtuning_plugin.strategies import SENTINEL_SCORE, SelectionContext, get_strategy_class
 from irtuning_plugin.strategies.base import StrategyConfigError
 from irtuning_plugin.strategies.runtime import StrategyRuntime, TrainBatches
@@ -72,6 +73,9 @@ class LayerSelectionEngine:
                  layer_map: LayerMap | None = None):
         self.config = config.check()
         self.model = model
+        refused = scope_refusal(config.strategy, config.scope)  # the integrations' preflight says it first
+        if refused:
+            raise StrategyConfigError(refused)
         self.layer_map = layer_map or build_layer_map(model, config.scope, config.layers_path)
         L = self.layer_map.num_layers
         self.num_layers = L

@@ -123,12 +123,18 @@ def _axolotl_lisa(s: TrainingSetup) -> str | None:
     return None
 
 
-def _strategy_scope(s: TrainingSetup) -> str | None:
-    scopes = _strategy(s).scopes
-    if s.scope not in scopes:
-        return (f"irtuning_strategy={s.strategy!r} works only with irtuning_scope: {' or '.join(scopes)}, "
-                f"not irtuning_scope={s.scope!r}")
+def scope_refusal(strategy: str, scope: str) -> str | None:
+    """The refusal of a strategy on a scope it does not support (its class's ``scopes``), or None. The engine
+    calls it too, so a direct engine user gets the same line as every integration."""
+    scopes = get_strategy_class(strategy).scopes
+    if scope not in scopes:
+        return (f"irtuning_strategy={strategy!r} works only with irtuning_scope: {' or '.join(scopes)}, "
+                f"not irtuning_scope={scope!r}")
     return None
+
+
+def _strategy_scope(s: TrainingSetup) -> str | None:
+    return scope_refusal(s.strategy, s.scope)
 
 
 def _adapter_scope(s: TrainingSetup) -> str | None:
