@@ -117,3 +117,35 @@ def test_study_modules_run_from_the_repository_root_with_python_m():
     out = subprocess.run([sys.executable, "-m", "benchmarks.convergence", "--help"], cwd=REPO, capture_output=True,
                          text=True, check=True).stdout
     assert "--lr-sweep" in out and "--time-steps" in out and "--only-tasks" in out
+
+
+@pytest.mark.parametrize("account_at", ["pre_optimizer", "optimizer"])
+def test_the_counted_loop_takes_the_account_where_asked_and_counts_flops_only_when_asked(tiny_model_dir, account_at):
+    from transformers import AutoTokenizer
+
+    from benchmarks.harness.training import PadCollator, build_model, tokenize_records, train_counted
+    from irtuning_plugin.config import SelectionConfig
+    from irtuning_plugin.tasks.assets.references import revision_data_dir
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = [json.loads(x) for x in open(revision_data_dir() / "train.jsonl") if x.strip()][:16]
+    run = train_counted(build_model(str(tiny_model_dir), "adapter", 1), tokenize_records(tok, rows, 256),
+                        PadCollator(tok.pad_token_id), SelectionConfig(strategy="all"), seed=1, steps=2,
+                        micro_batch=2, lr=1e-3, warmup=0, count_flops=account_at == "optimizer",
+                        account_at=account_at)
+    assert len(run.step_s) == len(run.accounts) == 2 and run.train_s == pytest.approx(sum(run.step_s))
+    first_state = run.accounts[0]["optimizer_state_bytes_accelerator"] + run.accounts[0]["optimizer_state_bytes_host"]
+    if account_at == "pre_optimizer":  # before the first optimizer.step(): AdamW has no state yet
+        assert first_state == 0 and run.flops == 0
+    else:  # after it: fp32 exp_avg + exp_avg_sq and a 4-byte step count per trainable tensor
+        trainable = [p for p in run.trainer.model.parameters() if p.requires_grad]
+        assert first_state == sum(2 * 4 * p.numel() + 4 for p in trainable) and run.flops > 0
+    assert len(run.selection.rows) == 2
+
+
+def test_the_counted_loop_refuses_an_unknown_account_point():
+    from benchmarks.harness.training import train_counted
+
+    with pytest.raises(ValueError, match="account_at: 'after'; allowed: pre_optimizer, optimizer"):
+        train_counted(None, [], None, None, seed=1, steps=1, micro_batch=1, lr=1e-3, warmup=0, count_flops=False,
+                      account_at="after")
