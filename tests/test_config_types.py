@@ -151,7 +151,7 @@ def test_args_model_fields_carry_the_types():
 
 def test_wrong_types_are_refused_by_axolotl_validation(tiny_model_dir):
     """One wrong value per key through Axolotl's own validate_config (the message names the key)."""
-    from test_axolotl_plugin import base_cfg, validate
+    from helpers_axolotl import base_cfg, validate
 
     for key, kind in flat_key_types().items():
         value = wrong_values(kind)[1]

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_axolotl_plugin import AXOLOTL_ENV, base_cfg, run_axolotl, slice_of_train
+
+from helpers_axolotl import AXOLOTL_ENV, base_cfg, run_axolotl, slice_of_train
 
 TESTS = str(Path(__file__).resolve().parent)
 
@@ -62,7 +63,7 @@ def test_two_cpu_ranks_select_and_train_identically(tmp_path, tiny_model_dir, mo
 
 
 def test_find_unused_parameters_is_set_or_a_false_value_refused(tiny_model_dir):
-    from test_axolotl_plugin import validate
+    from helpers_axolotl import validate
 
     assert validate(base_cfg(tiny_model_dir)).ddp_find_unused_parameters is True
     assert validate(base_cfg(tiny_model_dir, irtuning_strategy="all")).ddp_find_unused_parameters is None

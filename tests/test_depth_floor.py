@@ -176,7 +176,7 @@ def test_floor_from_salf_survives_a_checkpoint(tmp_path):
 
 
 def test_axolotl_checks_strategy_options_against_the_layers_above_the_floor(tiny_model_dir):
-    from test_axolotl_plugin import base_cfg, validate
+    from helpers_axolotl import base_cfg, validate
 
     # the tiny model has 8 layers: 4 random layers fit above a floor of 4, 5 do not -- refused before loading
     validate(base_cfg(tiny_model_dir, irtuning_strategy="random", irtuning_random_n_layers=4,

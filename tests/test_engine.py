@@ -304,7 +304,7 @@ def test_selected_layers_get_gradients_under_gradient_checkpointing(tmp_path, re
 @pytest.mark.slow
 def test_axolotl_console_warns_once_about_nonfinite_gradients(tmp_path, tiny_model_dir):
     """The issue's repro: learning_rate 1e30 on the tiny-model recipe through `axolotl train`."""
-    from test_axolotl_plugin import base_cfg, run_axolotl, slice_of_train
+    from helpers_axolotl import base_cfg, run_axolotl, slice_of_train
 
     data = slice_of_train(tmp_path, 32)
     out = tmp_path / "out"

@@ -410,7 +410,7 @@ def test_the_callback_reads_the_fsdp_version_from_accelerate():
 
 
 def test_axolotl_fsdp2_is_refused_with_the_reason(tiny_model_dir):
-    from test_axolotl_plugin import base_cfg, validate
+    from helpers_axolotl import base_cfg, validate
 
     over = {"fsdp_version": 2, "fsdp_config": {"auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
                                                "transformer_layer_cls_to_wrap": "LlamaDecoderLayer"}}

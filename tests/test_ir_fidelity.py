@@ -201,7 +201,7 @@ def test_weight_metric_is_the_o_proj_norm_through_peft():
 
 @pytest.mark.parametrize("score", ["cosine", "weight"])
 def test_new_metrics_validate_through_axolotl(tiny_model_dir, score):
-    from test_axolotl_plugin import base_cfg, validate
+    from helpers_axolotl import base_cfg, validate
 
     cfg = validate(base_cfg(tiny_model_dir, irtuning_ir_score=score, irtuning_ir_split_num=2))
     assert cfg.irtuning_ir_score == score
@@ -290,7 +290,7 @@ def test_fp16_overflow_step_leaves_every_score_unchanged():
 @pytest.mark.slow
 @pytest.mark.parametrize("score", ["cosine", "weight"])
 def test_new_metrics_train_through_axolotl(tmp_path, tiny_model_dir, score):
-    from test_axolotl_plugin import base_cfg, run_axolotl, slice_of_train
+    from helpers_axolotl import base_cfg, run_axolotl, slice_of_train
 
     data = slice_of_train(tmp_path, 32)
     cfg = base_cfg(tiny_model_dir, datasets=[{"path": str(data), "ds_type": "json", "type": "input_output"}],

@@ -80,7 +80,7 @@ PAIRS = [(r.id, i) for r in RULES for i in r.integrations]
 
 
 def _refuse_axolotl(over, tiny_model_dir) -> str:
-    from test_axolotl_plugin import base_cfg, validate
+    from helpers_axolotl import base_cfg, validate
 
     with pytest.raises(Exception) as err:
         validate(base_cfg(tiny_model_dir, **over))

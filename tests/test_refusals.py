@@ -35,7 +35,7 @@ def test_the_split_of_strategies():
 @pytest.mark.parametrize("value", [True, "auto"])
 @pytest.mark.parametrize("strategy", CHANGING)
 def test_torch_compile_refused_where_layers_change(tiny_model_dir, strategy, value):
-    from test_axolotl_plugin import base_cfg, validate
+    from helpers_axolotl import base_cfg, validate
 
     with pytest.raises(Exception) as err:
         validate(base_cfg(tiny_model_dir, irtuning_strategy=strategy, torch_compile=value))
@@ -46,7 +46,7 @@ def test_torch_compile_refused_where_layers_change(tiny_model_dir, strategy, val
 
 @pytest.mark.parametrize("strategy", FIXED)
 def test_torch_compile_allowed_where_layers_never_change(tiny_model_dir, strategy):
-    from test_axolotl_plugin import base_cfg, validate
+    from helpers_axolotl import base_cfg, validate
 
     cfg = validate(base_cfg(tiny_model_dir, irtuning_strategy=strategy, torch_compile=True,
                             **OPTIONS.get(strategy, {})))
@@ -101,7 +101,7 @@ def test_torch_compile_recompiles_when_layers_change(tmp_path, monkeypatch):
 
 # ---- the gradient-norm kernel ------------------------------------------------------------------------
 def test_triton_backend_refused_without_cuda(monkeypatch, tiny_model_dir):
-    from test_axolotl_plugin import base_cfg, validate
+    from helpers_axolotl import base_cfg, validate
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -120,7 +120,7 @@ def test_triton_backend_refused_without_cuda(monkeypatch, tiny_model_dir):
 # ---- DeepSpeed and FSDP ------------------------------------------------------------------------------
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_deepspeed_zero_refused(tmp_path, tiny_model_dir, stage):
-    from test_axolotl_plugin import base_cfg, validate
+    from helpers_axolotl import base_cfg, validate
 
     path = tmp_path / f"zero{stage}.json"
     path.write_text(json.dumps({"zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": "auto"}))
@@ -136,7 +136,7 @@ def test_deepspeed_zero_refused(tmp_path, tiny_model_dir, stage):
     {"fsdp_config": {"fsdp_version": 2, "reshard_after_forward": True}},
 ])
 def test_fsdp_refused(tiny_model_dir, over):
-    from test_axolotl_plugin import base_cfg, validate
+    from helpers_axolotl import base_cfg, validate
 
     with pytest.raises(Exception) as err:
         validate(base_cfg(tiny_model_dir, **over))

@@ -136,7 +136,7 @@ def test_engine_state_dict_round_trip_and_mismatch_refused():
 def test_axolotl_train_resume_continues_the_selection(tmp_path, tiny_model_dir):
     """Real `axolotl train` on the tiny-model recipe: 6 steps with a checkpoint every 2, then the same run
     restarted from checkpoint-2 in the same folder must rewrite steps 3..6 exactly as they were."""
-    from test_axolotl_plugin import base_cfg, run_axolotl, slice_of_train
+    from helpers_axolotl import base_cfg, run_axolotl, slice_of_train
 
     data = slice_of_train(tmp_path, 64)
     out = tmp_path / "out"

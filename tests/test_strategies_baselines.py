@@ -390,7 +390,7 @@ def test_ist_refuses_full_scope_and_a_missing_dataloader(tmp_path):
     ({"irtuning_frozen_optimizer_state": "gpu"}, "irtuning_frozen_optimizer_state='gpu'"),
 ])
 def test_axolotl_validation_refuses_bad_baseline_options(tiny_model_dir, over, fragment):
-    from test_axolotl_plugin import base_cfg, validate
+    from helpers_axolotl import base_cfg, validate
 
     with pytest.raises(Exception) as err:
         validate(base_cfg(tiny_model_dir, **over))
@@ -398,7 +398,7 @@ def test_axolotl_validation_refuses_bad_baseline_options(tiny_model_dir, over, f
 
 
 def test_axolotl_validation_accepts_baseline_options(tiny_model_dir):
-    from test_axolotl_plugin import base_cfg, validate
+    from helpers_axolotl import base_cfg, validate
 
     cfg = validate(base_cfg(tiny_model_dir, irtuning_strategy="lisa", irtuning_lisa_n_layers=8,
                             irtuning_frozen_optimizer_state="drop"))

@@ -300,7 +300,7 @@ def test_launcher_capture_binds_our_callback_and_is_undone(tmp_path):
 
 # ---- Axolotl: no process-wide hook --------------------------------------------------------------
 def test_loading_the_axolotl_plugin_leaves_sys_excepthook_alone(tiny_model_dir):
-    from test_axolotl_plugin import base_cfg, validate
+    from helpers_axolotl import base_cfg, validate
 
     hook = sys.excepthook
     cfg = validate(base_cfg(tiny_model_dir))  # Axolotl registers the plugin (register()) and validates

@@ -4,7 +4,8 @@ found there, stay off without irtuning_strategy, and really train with it (no `p
 import json
 
 import pytest
-from test_axolotl_plugin import base_cfg, run_axolotl, slice_of_train, validate
+
+from helpers_axolotl import base_cfg, run_axolotl, slice_of_train, validate
 
 ENTRY = "irtuning_plugin.axolotl_integration.plugin.IRTuningPlugin"
 
