@@ -291,7 +291,7 @@ RULES: tuple[Rule, ...] = (
     Rule("strategy-scope", _ALL, ("irtuning_scope", "irtuning_strategy"),
          "an `irtuning_scope` the strategy does not work with (`ist` with `irtuning_scope: full`)",
          "IST damps a layer through LoRA's scaling, so it needs adapters (the strategy's `scopes`)",
-         ("tests/test_strategies_baselines.py::test_axolotl_validation_refuses_bad_baseline_options",
+         ("tests/test_axolotl_plugin.py::test_axolotl_validation_refuses_bad_baseline_options",
           "tests_llamafactory/test_llamafactory_checks.py::test_bad_recipes_are_refused_before_training"),
          _strategy_scope),
     Rule("adapter-scope", (AXOLOTL, LLAMAFACTORY), ("irtuning_scope", "adapter", "finetuning_type"),

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from irtuning_plugin.callback import read_selection_log
+
 from helpers_axolotl import AXOLOTL_ENV, RECIPES, REPO, VENV_BIN, base_cfg, run_axolotl, slice_of_train, validate
 
 
@@ -173,3 +175,46 @@ def test_option_above_the_floor_names_the_floor(tiny_model_dir):
         validate(cfg)
     assert validate(base_cfg(tiny_model_dir, irtuning_strategy="lisa", irtuning_depth_floor=6,
                              irtuning_lisa_n_layers=2)).irtuning_lisa_n_layers == 2
+
+
+# ---- the baseline strategies' options through Axolotl's validation -------------------------------------
+# ---- Axolotl's config path ---------------------------------------------------------------------------
+@pytest.mark.parametrize("over,fragment", [
+    ({"irtuning_strategy": "lisa", "irtuning_lisa_n_layers": 99}, "irtuning_lisa_n_layers=99 exceeds the model's 8"),
+    ({"irtuning_strategy": "random", "irtuning_random_n_layers": 9}, "irtuning_random_n_layers=9 exceeds the model's"),
+    ({"irtuning_strategy": "fixed", "irtuning_fixed_layers": [0, 8]}, "layer 8 is outside 0..7"),
+    ({"irtuning_strategy": "fixed"}, "irtuning_fixed_layers is required"),
+    ({"irtuning_strategy": "ist", "irtuning_ist_train_fraction": 0.1}, "irtuning_ist_train_fraction=0.1 selects"),
+    ({"irtuning_strategy": "ist", "irtuning_scope": "full", "adapter": None},
+     "irtuning_strategy='ist' works only with irtuning_scope: adapter"),
+    ({"irtuning_frozen_optimizer_state": "gpu"}, "irtuning_frozen_optimizer_state='gpu'"),
+])
+def test_axolotl_validation_refuses_bad_baseline_options(tiny_model_dir, over, fragment):
+    with pytest.raises(Exception) as err:
+        validate(base_cfg(tiny_model_dir, **over))
+    assert fragment in str(err.value), str(err.value)
+
+
+def test_axolotl_validation_accepts_baseline_options(tiny_model_dir):
+    cfg = validate(base_cfg(tiny_model_dir, irtuning_strategy="lisa", irtuning_lisa_n_layers=8,
+                            irtuning_frozen_optimizer_state="drop"))
+    assert cfg.irtuning_lisa_n_layers == 8 and cfg.irtuning_frozen_optimizer_state == "drop"
+
+
+
+@pytest.mark.slow
+def test_axolotl_console_warns_once_about_nonfinite_gradients(tmp_path, tiny_model_dir):
+    """The issue's repro: learning_rate 1e30 on the tiny-model recipe through `axolotl train`."""
+    data = slice_of_train(tmp_path, 32)
+    out = tmp_path / "out"
+    cfg = base_cfg(tiny_model_dir, datasets=[{"path": str(data), "ds_type": "json", "type": "input_output"}],
+                   output_dir=str(out), dataset_prepared_path=str(tmp_path / "prepared"), max_steps=4,
+                   learning_rate=1.0e30, lr_scheduler="constant", warmup_steps=0, save_strategy="no",
+                   val_set_size=0, seed=3)
+    log = run_axolotl(tmp_path, cfg)
+    rows = read_selection_log(out / "irtuning_selection.jsonl")
+    bad = [r for r in rows if r["nonfinite_layers"]]
+    assert bad, [r["scores"] for r in rows]
+    first = bad[0]
+    assert log.count("NON-FINITE") == 1
+    assert f"optimizer step {first['step']} in layer(s) {first['nonfinite_layers']}" in log

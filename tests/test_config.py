@@ -231,3 +231,28 @@ def test_a_registered_strategy_declaring_no_floor_is_refused_one(monkeypatch):
     SelectionConfig(strategy="pinned_test", depth_floor=0).check()
     SelectionConfig(strategy="floored_test", depth_floor=2).check()
     SelectionConfig(strategy="floored_test", depth_floor="salf").check()
+
+
+# ---- the baseline strategies' options, refused with the key (from the flat keys) ---------------------------
+# ---- bad input -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flat,fragment", [
+    ({"irtuning_strategy": "lisa", "irtuning_lisa_n_layers": 0}, "irtuning_lisa_n_layers=0; must be >= 1"),
+    ({"irtuning_strategy": "lisa", "irtuning_lisa_interval": 0}, "irtuning_lisa_interval=0; must be"),
+    ({"irtuning_strategy": "lisa", "irtuning_lisa_train_outside": "no"}, "irtuning_lisa_train_outside='no'"),
+    ({"irtuning_strategy": "random", "irtuning_random_n_layers": "4"}, "irtuning_random_n_layers='4'; must be"),
+    ({"irtuning_strategy": "fixed"}, "irtuning_fixed_layers is required"),
+    ({"irtuning_strategy": "fixed", "irtuning_fixed_layers": []}, "irtuning_fixed_layers=[]; must be a non-empty"),
+    ({"irtuning_strategy": "fixed", "irtuning_fixed_layers": [1, 1]}, "irtuning_fixed_layers=[1, 1] lists a layer"),
+    ({"irtuning_strategy": "fixed", "irtuning_fixed_layers": [-1]}, "layer -1 is outside"),
+    ({"irtuning_strategy": "fixed", "irtuning_fixed_layers": ["a"]}, "irtuning_fixed_layers=['a']; must be a list of whole numbers ('a' is not"),
+    ({"irtuning_strategy": "ist", "irtuning_ist_train_fraction": 0}, "irtuning_ist_train_fraction=0; must be a "),
+    ({"irtuning_strategy": "ist", "irtuning_ist_candidates": 1}, "irtuning_ist_candidates=1; must be a whole"),
+    ({"irtuning_strategy": "ist", "irtuning_ist_suppress_factor": 1.0}, "irtuning_ist_suppress_factor=1.0"),
+    ({"irtuning_strategy": "ist", "irtuning_ist_lr": -1}, "irtuning_ist_lr=-1; must be > 0"),
+    ({"irtuning_frozen_optimizer_state": "gpu"}, "irtuning_frozen_optimizer_state='gpu'; allowed: keep, cpu, drop"),
+    ({"irtuning_strategy": "random", "irtuning_lisa_n_layers": 2}, "irtuning_lisa_n_layers is an option of"),
+])
+def test_bad_config_is_refused_with_the_key(flat, fragment):
+    with pytest.raises(StrategyConfigError) as err:
+        config_from_flat(flat)
+    assert fragment in str(err.value) and "\n" not in str(err.value)

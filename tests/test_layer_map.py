@@ -1,7 +1,6 @@
 """irtuning_plugin.layer_map: which parameters belong to which decoder layer, and switching layers on and off.
 
-(test_engine.py checks the PEFT layer count, the lora-only names, a path relative to the base model and a
-Sequential stack; these tests cover the rest.)
+(test_callback.py trains through a Sequential stack of decoder layers.)
 """
 
 import pytest
@@ -151,3 +150,16 @@ def test_a_tensor_shared_between_blocks_belongs_to_the_first():
     lm = build_layer_map(model, scope="full")
     assert lm.names == [["lin.weight", "lin.bias"], ["lin.weight", "lin.bias"], ["lin.bias"]]
     assert lm.params[0][0] is model.blocks[2].lin.weight
+
+
+def test_layer_map_finds_blocks_through_peft_and_reports_outside_params():
+    model = tiny_peft_llama()
+    lm = build_layer_map(model)
+    assert lm.num_layers == 6 and lm.layers_path.endswith("model.layers")
+    assert all(len(ps) == 10 for ps in lm.params)  # A and B of q, k, v, up, down
+    assert all("lora_" in n for ns in lm.names for n in ns)
+    assert build_layer_map(model, layers_path="model.layers").layers is lm.layers  # relative to the base model
+    full = build_layer_map(model, scope="full")
+    assert len(full.params[0]) > 10
+    with pytest.raises(LayerMapError, match="irtuning_layers_path='model.decoder' does not resolve"):
+        build_layer_map(model, layers_path="model.decoder")
