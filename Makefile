@@ -76,7 +76,7 @@ $(AXO21_STAMP): setup.py
 	touch $(AXO21_STAMP)
 
 test-axolotl021: $(AXO21_STAMP)
-	PATH=$(abspath $(AXO21))/bin:$$PATH $(AXO21)/bin/pytest -q tests/test_axolotl_plugin.py tests_axolotl021
+	PATH=$(abspath $(AXO21))/bin:$$PATH $(AXO21)/bin/pytest -q tests/integration/test_axolotl_plugin.py tests_axolotl021
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -287,11 +287,11 @@ RULES: tuple[Rule, ...] = (
     Rule("axolotl-lisa", (AXOLOTL,), AXOLOTL_LISA_KEYS,
          "`lisa_n_layers` / `lisa_step_interval` / `lisa_layers_attribute` (Axolotl's built-in LISA)",
          "it would toggle the same layers as the plugin; use `irtuning_strategy: lisa`",
-         ("tests/test_axolotl_plugin.py::test_bad_input_is_refused_before_training",), _axolotl_lisa),
+         ("tests/integration/test_axolotl_plugin.py::test_bad_input_is_refused_before_training",), _axolotl_lisa),
     Rule("strategy-scope", _ALL, ("irtuning_scope", "irtuning_strategy"),
          "an `irtuning_scope` the strategy does not work with (`ist` with `irtuning_scope: full`)",
          "IST damps a layer through LoRA's scaling, so it needs adapters (the strategy's `scopes`)",
-         ("tests/test_axolotl_plugin.py::test_axolotl_validation_refuses_bad_baseline_options",
+         ("tests/integration/test_axolotl_plugin.py::test_axolotl_validation_refuses_bad_baseline_options",
           "tests_llamafactory/test_llamafactory_checks.py::test_bad_recipes_are_refused_before_training"),
          _strategy_scope),
     Rule("adapter-scope", (AXOLOTL, LLAMAFACTORY), ("irtuning_scope", "adapter", "finetuning_type"),
@@ -299,13 +299,13 @@ RULES: tuple[Rule, ...] = (
          "`irtuning_scope: full` with one",
          "the scope says what a selected layer trains, so it must match what the run trains: its LoRA tensors "
          "or all its parameters (a plain `Trainer` is checked on the model at train start)",
-         ("tests/test_axolotl_plugin.py::test_bad_input_is_refused_before_training",
+         ("tests/integration/test_axolotl_plugin.py::test_bad_input_is_refused_before_training",
           "tests_llamafactory/test_llamafactory_checks.py::test_bad_recipes_are_refused_before_training"),
          _adapter_scope),
     Rule("axolotl-layer-filter", (AXOLOTL,), AXOLOTL_LAYER_FILTER_KEYS,
          "`peft_layers_to_transform` / `layers_to_transform` with a strategy that freezes layers (all but `all`)",
          "LoRA would exist only on fixed layers, so the selection could not choose the others",
-         ("tests/test_axolotl_plugin.py::test_bad_input_is_refused_before_training",), _axolotl_layer_filter),
+         ("tests/integration/test_axolotl_plugin.py::test_bad_input_is_refused_before_training",), _axolotl_layer_filter),
     Rule("llamafactory-own-layer-handling", (LLAMAFACTORY,), tuple(LLAMAFACTORY_OWN_LAYER_HANDLING),
          "`" + "`, `".join(LLAMAFACTORY_OWN_LAYER_HANDLING) + "`",
          "each selects, freezes or updates layers itself: " + "; ".join(
@@ -336,27 +336,27 @@ RULES: tuple[Rule, ...] = (
          "drops frozen ones), while irtuning switches layers every step; not proven to work, so refused: shard with "
          "FSDP2 instead (`fsdp_version: 2`, plain `Trainer`), or use DDP",
          ("tests/test_refusals.py::test_deepspeed_zero_refused", "::test_the_callback_refuses_the_same_trainer_arguments",
-          "tests/test_fsdp2.py::test_fsdp2_passes_the_shared_check_and_fsdp1_deepspeed_are_refused_naming_fsdp2"),
+          "tests/integration/test_fsdp2.py::test_fsdp2_passes_the_shared_check_and_fsdp1_deepspeed_are_refused_naming_fsdp2"),
          _deepspeed),
     Rule("fsdp1", _ALL, ("fsdp", "fsdp_config", "fsdp_version"),
          "`fsdp` / `fsdp_config` with FSDP version 1 or no version; an `fsdp_version` other than 1 or 2",
          "FSDP1's flat parameters cannot freeze single layers and its flat gradient shards cannot be read per layer; "
          "FSDP2 (`fsdp_version: 2`) is supported on a plain `Trainer` ([distributed.md](distributed.md#fsdp2))",
          ("tests/test_refusals.py::test_fsdp_refused", "::test_the_callback_refuses_the_same_trainer_arguments",
-          "tests/test_fsdp2.py::test_the_callback_reads_the_fsdp_version_from_accelerate"), _fsdp1),
+          "tests/integration/test_fsdp2.py::test_the_callback_reads_the_fsdp_version_from_accelerate"), _fsdp1),
     Rule("fsdp2-outside-trainer", (AXOLOTL, LLAMAFACTORY), ("fsdp", "fsdp_config"),
          "`fsdp` / `fsdp_config` with FSDP version 2 through Axolotl or `irtuning llamafactory`",
          "Axolotl 0.19 builds its FSDP device mesh for CUDA only (`build_device_mesh(\"cuda\")` in "
          "`axolotl/utils/distributed.py`: `AttributeError: module 'torch._C' has no attribute '_cuda_setDevice'` "
          "on CPU), so it cannot be tested here; not tested through LLaMA-Factory's launcher; use the "
          "plain-`Trainer` recipe in `yaml_recipes/fsdp2/`",
-         ("tests/test_fsdp2.py::test_axolotl_fsdp2_is_refused_with_the_reason", "::test_llamafactory_fsdp2_is_refused"),
+         ("tests/integration/test_fsdp2.py::test_axolotl_fsdp2_is_refused_with_the_reason", "::test_llamafactory_fsdp2_is_refused"),
          _fsdp2_outside_trainer),
     Rule("ddp-find-unused-parameters", _ALL, ("ddp_find_unused_parameters",),
          "`ddp_find_unused_parameters: false` with a strategy that freezes layers (all but `all`)",
          "frozen layers get no gradient, which DDP refuses at the next step; left unset, Axolotl and "
          "`irtuning llamafactory` set it to `true` (a plain `Trainer` is checked on its DDP wrapper at train start)",
-         ("tests/test_ddp.py::test_find_unused_parameters_is_set_or_a_false_value_refused",
+         ("tests/integration/test_ddp.py::test_find_unused_parameters_is_set_or_a_false_value_refused",
           "::test_plain_trainer_ddp_without_find_unused_parameters_is_refused"), _ddp_unused_parameters),
 )
 

@@ -1,5 +1,5 @@
 """Axolotl 0.21 tests: run by `make test-axolotl021` in .venv-axolotl021 (Python 3.12), beside
-tests/test_axolotl_plugin.py; never by the main suite (Axolotl 0.19 has no plugin entry points)."""
+tests/integration/test_axolotl_plugin.py; never by the main suite (Axolotl 0.19 has no plugin entry points)."""
 
 import os
 import sys

@@ -245,7 +245,7 @@ def test_a_checkpoint_that_cannot_be_resumed_under_fsdp2_is_named_at_save_time(c
 
 
 # ---- the plain-Trainer recipe under accelerate launch ------------------------------------------------
-RECIPE_DIR = Path(__file__).resolve().parents[1] / "yaml_recipes" / "fsdp2"
+RECIPE_DIR = Path(__file__).resolve().parents[2] / "yaml_recipes" / "fsdp2"
 
 
 def _launch(out: Path, data: Path, model_dir: Path, *extra: str) -> None:
@@ -431,7 +431,7 @@ def test_llamafactory_fsdp2_is_refused():
         resolve_recipe,
     )
 
-    cfg = load_recipe(Path(__file__).resolve().parents[1] / "yaml_recipes" / "llamafactory" / "smollm2-ir-lora.yaml")
+    cfg = load_recipe(Path(__file__).resolve().parents[2] / "yaml_recipes" / "llamafactory" / "smollm2-ir-lora.yaml")
     cfg.update({"model_name_or_path": "irtuning://tiny-llama", "fsdp": "full_shard", "fsdp_config": {"version": 2}})
     with pytest.raises(LlamaFactoryConfigError, match="does not support FSDP2 under LLaMA-Factory yet"):
         check_recipe(resolve_recipe(cfg))

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-RECIPE = Path(__file__).resolve().parents[1] / "yaml_recipes" / "fsdp2" / "train_fsdp2.py"
+RECIPE = Path(__file__).resolve().parents[2] / "yaml_recipes" / "fsdp2" / "train_fsdp2.py"
 TIMING = ("score_ms", "select_ms", "salf_calibration_s")
 
 
