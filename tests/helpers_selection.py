@@ -76,3 +76,11 @@ def selections(strategy, seed=0, steps=8, dataloader=None, **options):
     out = [engine.begin(None, dataloader, check_optimizer=False)]
     rows = [engine.end_step(step, dataloader) for step in range(1, steps + 1)]
     return out + [r["next_active"] for r in rows], rows
+
+
+TIMING = ("score_ms", "select_ms", "salf_calibration_s")
+
+
+def without_timing(rows):
+    """Selection-log rows without their timing fields (they differ between two runs of the same selection)."""
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]

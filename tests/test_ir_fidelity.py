@@ -1,7 +1,6 @@
 """IR-Tuning against the reference code's rules (ZhexiongLiu/IR-Tuning, ir.py; docs/strategies.md, "What happens in a step"):
 the cut rule with ties and sentinels, split_num 2, the cosine and weight metrics, fp16 loss scaling."""
 
-import json
 import math
 
 import numpy as np
@@ -20,32 +19,8 @@ from irtuning_plugin.strategies.ir import (
     split_high_group,
 )
 
+from helpers_reference import reference_select
 from helpers_tiny import RandomTokens, tiny_peft_llama
-
-
-def transcribed_reference_split(norms, layers, metric="gradient"):
-    """The reference's split_layer_norms, transcribed from its description (a list-based re-statement,
-    independent of our implementation): sort, V over k = 1..n-1, min over the metric's window, then the
-    FIRST index of that minimum in the whole list."""
-    pairs = sorted(zip(norms, layers))
-    rn = [x for x, _ in pairs]
-    rl = [y for _, y in pairs]
-    var_list = [np.var(np.array(rn[:k])) + np.var(np.array(rn[k:])) for k in range(1, len(rn))]
-    q1, q2 = int(len(rn) * 0.35), int(len(rn) * 0.65)
-    if metric == "weight":
-        q1 += 1
-    window = var_list[q1:q2] if metric == "cosine" else var_list[q1:q2 + 1]
-    split = var_list.index(min(window))
-    if metric == "cosine":
-        return rl[:split], rn[:split]
-    return rl[split:], rn[split:]
-
-
-def reference_select(norms, split_num=1, metric="gradient"):
-    layers, kept = transcribed_reference_split(norms, list(range(len(norms))), metric)
-    if split_num >= 2:
-        layers, kept = transcribed_reference_split(kept, layers, metric)
-    return sorted(layers)
 
 
 def ctx_for(scores, step=1, seed=0):
@@ -285,26 +260,3 @@ def test_fp16_overflow_step_leaves_every_score_unchanged():
     assert skipped == [False, False, True, False]
     assert torch.equal(history[2], history[1])  # the step the scaler skips changes no score
     assert not torch.equal(history[3], history[2])
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("score", ["cosine", "weight"])
-def test_new_metrics_train_through_axolotl(tmp_path, tiny_model_dir, score):
-    from helpers_axolotl import base_cfg, run_axolotl, slice_of_train
-
-    data = slice_of_train(tmp_path, 32)
-    cfg = base_cfg(tiny_model_dir, datasets=[{"path": str(data), "ds_type": "json", "type": "input_output"}],
-                   output_dir=str(tmp_path / "out"), dataset_prepared_path=str(tmp_path / "prepared"),
-                   max_steps=4, micro_batch_size=4, logging_steps=1, save_strategy="no", val_set_size=0,
-                   irtuning_ir_score=score, seed=5)
-    run_axolotl(tmp_path, cfg)
-    rows = [json.loads(x) for x in (tmp_path / "out" / "irtuning_selection.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    for r in rows:
-        assert r["fresh"] == list(range(8))  # neither metric needs gradients: every layer is measured
-        want = reference_select(r["scores"], 1, score)
-        assert r["next_active"] == want and 1 <= len(want) < 8
-    if score == "weight":  # frozen o_proj under LoRA: the same scores and layers every step
-        assert len({tuple(r["next_active"]) for r in rows}) == 1
-    else:
-        assert len({tuple(r["scores"]) for r in rows}) == 4

@@ -16,9 +16,8 @@ from irtuning_plugin.callback import RUN_SUMMARY, SELECTION_LOG, STATE_FILE, att
 from irtuning_plugin.config import SelectionConfig
 from irtuning_plugin.engine import LayerSelectionEngine, SelectionError
 
+from helpers_selection import without_timing
 from helpers_tiny import make_trainer, tiny_peft_llama
-
-TIMING = ("score_ms", "select_ms", "salf_calibration_s")
 
 DYNAMIC = [
     ("ir", {}),
@@ -38,10 +37,6 @@ def _train(out, strategy, options, max_steps, resume=None, save_steps=None, **co
     return cb, trainer
 
 
-def _strip(rows):
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
-
-
 @pytest.mark.parametrize("strategy,options", DYNAMIC, ids=[s for s, _ in DYNAMIC])
 def test_resumed_run_selects_what_the_uninterrupted_run_selects(tmp_path, strategy, options):
     a_cb, a_trainer = _train(tmp_path / "a", strategy, options, max_steps=6)
@@ -51,8 +46,8 @@ def test_resumed_run_selects_what_the_uninterrupted_run_selects(tmp_path, strate
     assert len(read_selection_log(b_dir / SELECTION_LOG)) == 4  # steps 3..4 get replaced by the resume
     b_cb, b_trainer = _train(b_dir, strategy, options, max_steps=6, resume=str(b_dir / "checkpoint-2"))
 
-    a_rows = _strip(read_selection_log(tmp_path / "a" / SELECTION_LOG))
-    b_rows = _strip(read_selection_log(b_dir / SELECTION_LOG))
+    a_rows = without_timing(read_selection_log(tmp_path / "a" / SELECTION_LOG))
+    b_rows = without_timing(read_selection_log(b_dir / SELECTION_LOG))
     assert [r["step"] for r in b_rows] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(a_rows, b_rows, strict=True):
         assert a == b, f"step {a['step']}: uninterrupted {a} != resumed {b}"
@@ -81,7 +76,7 @@ def test_resume_with_frozen_optimizer_state_moved_or_dropped(tmp_path, mode):
     _train(b, "random", {"n_layers": 2}, max_steps=4, save_steps=2, frozen_optimizer_state=mode)
     b_cb, b_trainer = _train(b, "random", {"n_layers": 2}, max_steps=6, resume=str(b / "checkpoint-2"),
                              frozen_optimizer_state=mode)
-    assert _strip(read_selection_log(b / SELECTION_LOG)) == _strip(read_selection_log(tmp_path / "a" / SELECTION_LOG))
+    assert without_timing(read_selection_log(b / SELECTION_LOG)) == without_timing(read_selection_log(tmp_path / "a" / SELECTION_LOG))
     for pa, pb in zip(a_trainer.model.parameters(), b_trainer.model.parameters(), strict=True):
         assert torch.equal(pa, pb)
     if mode == "drop":  # after the resume, as before it: no moments held for the frozen layers
@@ -98,7 +93,7 @@ def test_resume_by_output_dir_lookup_and_second_resume(tmp_path):
     _train(b, "random", opts, max_steps=2, save_steps=2)
     _train(b, "random", opts, max_steps=4, save_steps=2, resume=True)
     cb, _ = _train(b, "random", opts, max_steps=6, save_steps=2, resume=True)
-    assert _strip(read_selection_log(b / SELECTION_LOG)) == _strip(read_selection_log(tmp_path / "a" / SELECTION_LOG))
+    assert without_timing(read_selection_log(b / SELECTION_LOG)) == without_timing(read_selection_log(tmp_path / "a" / SELECTION_LOG))
     assert [r["step"] for r in cb.resumes] == [2, 4]
 
 
@@ -130,34 +125,6 @@ def test_engine_state_dict_round_trip_and_mismatch_refused():
     wrong = LayerSelectionEngine(tiny_peft_llama(), SelectionConfig(strategy="random"))
     with pytest.raises(SelectionError, match="strategy='ist' but this run has strategy='random'"):
         wrong.load_state_dict(state)
-
-
-@pytest.mark.slow
-def test_axolotl_train_resume_continues_the_selection(tmp_path, tiny_model_dir):
-    """Real `axolotl train` on the tiny-model recipe: 6 steps with a checkpoint every 2, then the same run
-    restarted from checkpoint-2 in the same folder must rewrite steps 3..6 exactly as they were."""
-    from helpers_axolotl import base_cfg, run_axolotl, slice_of_train
-
-    data = slice_of_train(tmp_path, 64)
-    out = tmp_path / "out"
-    cfg = base_cfg(
-        tiny_model_dir, datasets=[{"path": str(data), "ds_type": "json", "type": "input_output"}],
-        output_dir=str(out), dataset_prepared_path=str(tmp_path / "prepared"), max_steps=6, micro_batch_size=2,
-        learning_rate=5e-3, lr_scheduler="constant", warmup_steps=0, logging_steps=1, save_strategy="steps",
-        save_steps=2, val_set_size=0, train_on_inputs=False, seed=3,
-    )
-    run_axolotl(tmp_path, cfg)
-    first = _strip(read_selection_log(out / SELECTION_LOG))
-    assert [r["step"] for r in first] == [1, 2, 3, 4, 5, 6]
-    assert (out / "checkpoint-2" / STATE_FILE).is_file()
-    log = run_axolotl(tmp_path, {**cfg, "resume_from_checkpoint": str(out / "checkpoint-2")})
-    assert "resumed the selection at step 2" in log  # a WARNING: visible on Axolotl's console
-    again = _strip(read_selection_log(out / SELECTION_LOG))
-    assert again == first
-    assert len({tuple(r["active"]) for r in first}) > 1
-    run = json.loads((out / RUN_SUMMARY).read_text())
-    assert run["steps"] == 6 and len(run["losses"]) == 6 and [s for s, _ in run["losses"]] == [1, 2, 3, 4, 5, 6]
-    assert [r["step"] for r in run["resumes"]] == [2]
 
 
 # ---- issue 35: a resume checks every setting that shapes the selection -------------------------------

@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from irtuning_plugin.callback import read_selection_log
+from irtuning_plugin.callback import RUN_SUMMARY, SELECTION_LOG, STATE_FILE, read_selection_log
 
 from helpers_axolotl import AXOLOTL_ENV, RECIPES, REPO, VENV_BIN, base_cfg, run_axolotl, slice_of_train, validate
+from helpers_reference import reference_select
+from helpers_selection import without_timing
 
 
 def test_valid_config_keeps_our_keys(tiny_model_dir):
@@ -218,3 +220,50 @@ def test_axolotl_console_warns_once_about_nonfinite_gradients(tmp_path, tiny_mod
     first = bad[0]
     assert log.count("NON-FINITE") == 1
     assert f"optimizer step {first['step']} in layer(s) {first['nonfinite_layers']}" in log
+
+
+@pytest.mark.slow
+def test_axolotl_train_resume_continues_the_selection(tmp_path, tiny_model_dir):
+    """Real `axolotl train` on the tiny-model recipe: 6 steps with a checkpoint every 2, then the same run
+    restarted from checkpoint-2 in the same folder must rewrite steps 3..6 exactly as they were."""
+    data = slice_of_train(tmp_path, 64)
+    out = tmp_path / "out"
+    cfg = base_cfg(
+        tiny_model_dir, datasets=[{"path": str(data), "ds_type": "json", "type": "input_output"}],
+        output_dir=str(out), dataset_prepared_path=str(tmp_path / "prepared"), max_steps=6, micro_batch_size=2,
+        learning_rate=5e-3, lr_scheduler="constant", warmup_steps=0, logging_steps=1, save_strategy="steps",
+        save_steps=2, val_set_size=0, train_on_inputs=False, seed=3,
+    )
+    run_axolotl(tmp_path, cfg)
+    first = without_timing(read_selection_log(out / SELECTION_LOG))
+    assert [r["step"] for r in first] == [1, 2, 3, 4, 5, 6]
+    assert (out / "checkpoint-2" / STATE_FILE).is_file()
+    log = run_axolotl(tmp_path, {**cfg, "resume_from_checkpoint": str(out / "checkpoint-2")})
+    assert "resumed the selection at step 2" in log  # a WARNING: visible on Axolotl's console
+    again = without_timing(read_selection_log(out / SELECTION_LOG))
+    assert again == first
+    assert len({tuple(r["active"]) for r in first}) > 1
+    run = json.loads((out / RUN_SUMMARY).read_text())
+    assert run["steps"] == 6 and len(run["losses"]) == 6 and [s for s, _ in run["losses"]] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in run["resumes"]] == [2]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("score", ["cosine", "weight"])
+def test_new_metrics_train_through_axolotl(tmp_path, tiny_model_dir, score):
+    data = slice_of_train(tmp_path, 32)
+    cfg = base_cfg(tiny_model_dir, datasets=[{"path": str(data), "ds_type": "json", "type": "input_output"}],
+                   output_dir=str(tmp_path / "out"), dataset_prepared_path=str(tmp_path / "prepared"),
+                   max_steps=4, micro_batch_size=4, logging_steps=1, save_strategy="no", val_set_size=0,
+                   irtuning_ir_score=score, seed=5)
+    run_axolotl(tmp_path, cfg)
+    rows = [json.loads(x) for x in (tmp_path / "out" / "irtuning_selection.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for r in rows:
+        assert r["fresh"] == list(range(8))  # neither metric needs gradients: every layer is measured
+        want = reference_select(r["scores"], 1, score)
+        assert r["next_active"] == want and 1 <= len(want) < 8
+    if score == "weight":  # frozen o_proj under LoRA: the same scores and layers every step
+        assert len({tuple(r["next_active"]) for r in rows}) == 1
+    else:
+        assert len({tuple(r["scores"]) for r in rows}) == 4
