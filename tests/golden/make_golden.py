@@ -3,8 +3,10 @@
 Run it from a checkout of the commit whose behaviour is to be frozen, e.g. a detached worktree:
 
     git worktree add --detach /tmp/golden-base <commit>
-    PYTHONPATH=/tmp/golden-base:/tmp/golden-base/kernels \
+    PYTHONPATH=/tmp/golden-base:/tmp/golden-base/kernels:tests \
         python tests/golden/make_golden.py --expect-root /tmp/golden-base [case ...]
+
+(``tests`` on the path for golden_selection_cases and helpers_tiny, from this checkout.)
 
 It prints where irtuning_plugin and irtuning_kernels were imported from; with --expect-root it refuses
 to write anything unless both come from under that folder. A resume case is only written when its rows
@@ -21,7 +23,6 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # tests/: golden_selection_cases, helpers_tiny
 
 OUT = HERE / "selection"
 
