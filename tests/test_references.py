@@ -91,8 +91,14 @@ def test_built_assets_resolve_to_what_the_builders_return(tiny_model_dir):
     assert llamafactory_built_dir("irtuning://revision-intention") == str(llamafactory_dataset_dir())
 
 
-def test_the_axolotl_plugin_resolves_without_building(empty_cache):
+def test_the_axolotl_plugin_resolves_without_building(empty_cache, monkeypatch):
+    from axolotl.integrations.base import PluginManager
+
     from irtuning_plugin.axolotl_integration.plugin import IRTuningPlugin
+
+    # a fresh plugin manager: an earlier test's registered instance would make this one a duplicate, which
+    # does nothing by design (Axolotl >= 0.21 registers the plugin twice)
+    monkeypatch.setattr(PluginManager, "_instance", None, raising=False)
 
     cfg = {"plugins": ["irtuning_plugin.IRTuningPlugin"], "irtuning_strategy": "ir", "base_model": "/models/m",
            "datasets": [{"path": "irtuning://revision-intention/train.jsonl", "type": "input_output"}]}
