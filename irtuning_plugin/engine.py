@@ -455,9 +455,9 @@ class LayerSelectionEngine:
                 self._copies = copies_over_ranks(self._params, names)
             except ValueError as err:
                 raise SelectionError(f"irtuning: {err}") from None
-        # ir's cosine comes from each rank's own hidden states (its batch); gradient and weight scores do not
-        self._per_rank_scores = (self.config.strategy == "ir" and _dist_world()[0] > 1
-                                 and self.config.build_options().score == "cosine")
+        # scores taken from each rank's own batch (ir's cosine) are averaged over ranks; gradient scores are not
+        self._per_rank_scores = (_dist_world()[0] > 1 and get_strategy_class(self.config.strategy)
+                                 .scores_from_own_batch(self.config.build_options()))
 
     def _sharded_norms(self, step_skipped: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
         """Per-tensor squared norms of sharded gradients: each rank sums squares over its local shards

@@ -451,9 +451,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.write is None:
         print(refusals_table())
         return 0
-    with open(args.write, encoding="utf-8") as fh:
-        text = fh.read()
-    new = with_refusals_table(text, args.write)
+    try:
+        with open(args.write, encoding="utf-8") as fh:
+            text = fh.read()
+        new = with_refusals_table(text, args.write)
+    except (OSError, UnicodeDecodeError, ValueError) as err:  # one line, never a traceback; the file is untouched
+        print(f"python -m irtuning_plugin.preflight --write: {err}", file=sys.stderr)
+        return 2
     tmp = f"{args.write}.irtuning-tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(new)

@@ -84,3 +84,16 @@ TIMING = ("score_ms", "select_ms", "salf_calibration_s")
 def without_timing(rows):
     """Selection-log rows without their timing fields (they differ between two runs of the same selection)."""
     return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def engine_steps(model, engine, opt, data, device):
+    """A manual training loop with the engine (no Trainer): after each optimizer step, yields the step number
+    and the layers that trained in it."""
+    for step, batch in enumerate(data, start=1):
+        trained = set(engine.active)
+        model(**{k: v.to(device) for k, v in batch.items()}).loss.backward()
+        engine.collect_scores()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        engine.end_step(step)
+        yield step, trained

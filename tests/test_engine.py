@@ -12,7 +12,7 @@ from irtuning_plugin.engine import LayerSelectionEngine
 from irtuning_plugin.layer_map import build_layer_map
 from irtuning_plugin.strategies.base import StrategyConfigError
 
-from helpers_selection import L, selections
+from helpers_selection import L, engine_steps, selections
 from helpers_tiny import RandomTokens, make_trainer, tiny_peft_llama
 
 
@@ -136,13 +136,7 @@ def test_frozen_optimizer_state_cpu_moves_moments_off_the_device(device):
     engine.begin(opt)
     data = DataLoader(RandomTokens(n=32), batch_size=4)
     returned = 0
-    for step, batch in enumerate(data, start=1):
-        before = set(engine.active)
-        model(**{k: v.to(device) for k, v in batch.items()}).loss.backward()
-        engine.collect_scores()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        engine.end_step(step)
+    for step, before in engine_steps(model, engine, opt, data, device):
         for i in range(L):
             for p in lm.params[i]:
                 if p in opt.state:
@@ -157,3 +151,24 @@ def test_frozen_optimizer_state_cpu_moves_moments_off_the_device(device):
             assert acc["trainable_param_bytes_accelerator"] == sum(p.numel() * 4 for i in engine.active
                                                                    for p in lm.params[i])
     assert returned > 0  # some layer came back and got its moments back on the device
+
+
+@pytest.mark.parametrize("strategy,options,floor,averaged", [
+    ("ir", {"score": "cosine"}, 0, True),
+    ("ir", {"score": "cosine"}, 2, True),  # the floor wraps ir; the rule is ir's
+    ("ir", {"score": "l2"}, 0, False),
+    ("ir", {"score": "weight"}, 0, False),
+    ("lisa", {}, 0, False),
+    ("ist", {}, 0, False),
+])
+def test_only_scores_from_a_rank_s_own_batch_are_averaged_over_ranks(monkeypatch, strategy, options, floor,
+                                                                      averaged):
+    """The strategy says (scores_from_own_batch) whether its scores differ by rank; one process never averages."""
+    import irtuning_plugin.engine as engine_module
+
+    config = SelectionConfig(strategy=strategy, strategy_options=options, depth_floor=floor, selection_log=False,
+                             heatmap=False)
+    model = tiny_peft_llama()
+    assert LayerSelectionEngine(model, config)._per_rank_scores is False
+    monkeypatch.setattr(engine_module, "_dist_world", lambda: (2, 0))
+    assert LayerSelectionEngine(model, config)._per_rank_scores is averaged

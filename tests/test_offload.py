@@ -18,6 +18,7 @@ from irtuning_plugin.engine import LayerSelectionEngine
 from irtuning_plugin.layer_map import build_layer_map
 from irtuning_plugin.offload import NoCopyStreams, OptimizerStateOffload
 
+from helpers_selection import engine_steps
 from helpers_tiny import RandomTokens, tiny_peft_llama
 
 L = 6
@@ -312,12 +313,7 @@ def test_cuda_offload_uses_pinned_buffers_and_matches_keep():
                                                              strategy_options={"n_layers": 2}), seed=2)
         engine.begin(opt)
         data = DataLoader(RandomTokens(n=32, seed=5), batch_size=4)
-        for step, batch in enumerate(data, start=1):
-            model(**{k: v.cuda() for k, v in batch.items()}).loss.backward()
-            engine.collect_scores()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            engine.end_step(step)
+        for _step, _trained in engine_steps(model, engine, opt, data, "cuda"):
             for i in range(L):
                 for p in lm.params[i]:
                     if p in opt.state and mode == "cpu":

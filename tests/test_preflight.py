@@ -200,3 +200,20 @@ def test_the_table_lists_every_rule_in_order():
     assert len(rows) == len(RULES)
     for row, rule in zip(rows, RULES):
         assert row.startswith(f"| {rule.setting} | ") and rule.why in row
+
+
+def test_write_refuses_a_missing_or_unmarked_file_in_one_line(tmp_path, capsys):
+    assert preflight.main(["--write", str(tmp_path / "nowhere" / "refusals.md")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m irtuning_plugin.preflight --write: ") and "No such file" in err
+    assert len(err.strip().splitlines()) == 1
+    plain = tmp_path / "plain.md"
+    plain.write_text("no markers here\n")
+    assert preflight.main(["--write", str(plain)]) == 2
+    assert "must hold the markers" in capsys.readouterr().err
+    assert plain.read_text() == "no markers here\n"  # untouched
+    marked = tmp_path / "marked.md"
+    marked.write_text(f"head\n{preflight.TABLE_START}\nold\n{preflight.TABLE_END}\ntail\n")
+    assert preflight.main(["--write", str(marked)]) == 0
+    assert marked.read_text() == preflight.with_refusals_table(f"head\n{preflight.TABLE_START}\nx\n"
+                                                                f"{preflight.TABLE_END}\ntail\n")

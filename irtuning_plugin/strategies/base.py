@@ -85,6 +85,13 @@ class SelectionStrategy:
         score = per_layer.sqrt()
         return torch.where(torch.isfinite(score), score, torch.full_like(score, SENTINEL_SCORE))
 
+    @classmethod
+    def scores_from_own_batch(cls, options: Any) -> bool:
+        """Whether, with these options, a step's scores come from each rank's own batch rather than from the
+        gradients (which DDP and FSDP2 make equal on every rank). Several ranks then average the scores
+        before choosing, so every rank trains the same layers. Default: False (gradient scores)."""
+        return False
+
     def step_scores(self, per_tensor_sq: torch.Tensor, layer_ids: torch.Tensor,
                     grad_measured: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This step's scores and which layers they measured; default: :meth:`layer_scores` of the layers

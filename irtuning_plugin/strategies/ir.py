@@ -191,6 +191,10 @@ class IRStrategy(SelectionStrategy):
     Options = IROptions
     summary = "IR-Tuning: train the high-gradient group of a variance-minimising split, re-chosen every step"
 
+    @classmethod
+    def scores_from_own_batch(cls, options) -> bool:
+        return options.score == "cosine"  # hidden states of the rank's batch; l2 / reference / weight do not differ
+
     def __init__(self, num_layers: int, options=None):
         super().__init__(num_layers, options)
         self._o_proj: list[torch.Tensor] = []
