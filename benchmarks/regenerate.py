@@ -32,6 +32,7 @@ FIXED = [
     f"python -m benchmarks.cost_table --out benchmarks/results/costs-smollm2-issue40 --results-md {ISSUE40_TABLES} "
     "--report",
     "python -m benchmarks.salf_analysis --out benchmarks/results/salf-smollm2.json --report",
+    "python -m benchmarks.decision_table --report",
 ]
 _REGENERATE = re.compile(r"^Regenerate: (?:`` (.+) ``|`([^`]+)`)$", re.M)
 
