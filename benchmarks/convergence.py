@@ -538,7 +538,10 @@ def plot(cells: list[dict], path: Path) -> None:
         for c in cells:
             if c["task"] == task:
                 by.setdefault(row_name(c, two_arms(cells)), []).append(c)
-        for name, cs in by.items():
+        # more rows than the default cycle's 10 colours: tab20, so that no two rows share a colour; with two
+        # arms, the full-parameter rows are dashed
+        colors = plt.get_cmap("tab20").colors if len(by) > 10 else [None] * len(by)
+        for (name, cs), color in zip(by.items(), colors):
             n = min(len(c["curve"]) for c in cs)
             step = [cs[0]["curve"][k]["step"] for k in range(n)]
             flops = [statistics.mean(c["curve"][k]["flops"] for c in cs) / 1e12 for k in range(n)]
@@ -546,7 +549,8 @@ def plot(cells: list[dict], path: Path) -> None:
                 ys = [[c["curve"][k][key] for c in cs] for k in range(n)]
                 mean = [statistics.mean(y) for y in ys]
                 label = f"{name} ({len(cs)} seed{'' if len(cs) == 1 else 's'})"
-                line = axes[i][j].plot(xs, mean, marker=".", label=label)[0]
+                style = "--" if two_arms(cells) and _scope(cs[0]) == "full" else "-"
+                line = axes[i][j].plot(xs, mean, marker=".", label=label, color=color, linestyle=style)[0]
                 if len(cs) > 1:
                     axes[i][j].fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], alpha=0.12,
                                             color=line.get_color())
