@@ -125,7 +125,11 @@ def quality(grids: Path = GRIDS) -> dict:
         for scope, folders in arms.items():
             for folder in folders:
                 for path in sorted((grids / folder / task).glob("*-seed*.json")):
-                    c = json.loads(path.read_text())
+                    try:
+                        c = json.loads(path.read_text())
+                    except ValueError as exc:
+                        raise SystemExit(f"{path}: not a finished cell's JSON ({exc}); remove it or re-run the "
+                                         f"cell") from None
                     if c.get("steps") != steps or c.get("scope", "adapter") != scope or "test_macro_f1" not in c:
                         continue
                     key = (task, scope, c["strategy"])
@@ -206,8 +210,11 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     out = Path(a.out)
     if a.measure:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "plan.json").write_text(json.dumps(measure(), indent=1) + "\n")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "plan.json").write_text(json.dumps(measure(), indent=1) + "\n")
+        except OSError as exc:
+            raise SystemExit(f"--out {out}: cannot write plan.json ({exc})") from None
         print(f"wrote {out / 'plan.json'}")
         return 0
     extra = "" if a.out == str(OUT) else f" --out {a.out}"

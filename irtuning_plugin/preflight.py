@@ -451,17 +451,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.write is None:
         print(refusals_table())
         return 0
+    tmp = f"{args.write}.irtuning-tmp"
     try:
         with open(args.write, encoding="utf-8") as fh:
             text = fh.read()
         new = with_refusals_table(text, args.write)
+        with open(tmp, "w", encoding="utf-8") as fh:  # the file itself is replaced only once the copy is whole
+            fh.write(new)
+        os.replace(tmp, args.write)
     except (OSError, UnicodeDecodeError, ValueError) as err:  # one line, never a traceback; the file is untouched
+        if os.path.isfile(tmp):  # a partial copy of ours
+            os.remove(tmp)
         print(f"python -m irtuning_plugin.preflight --write: {err}", file=sys.stderr)
         return 2
-    tmp = f"{args.write}.irtuning-tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(new)
-    os.replace(tmp, args.write)
     return 0
 
 

@@ -78,3 +78,11 @@ def test_floors_keep_their_relative_depth_at_8b():
     floors = {s.grid_name: s.selection["depth_floor"] for s in dt.SETTINGS
               if s.selection and isinstance(s.selection.get("depth_floor"), int)}
     assert floors == {"ir+floor4": 4, "ir+floor8": 9, "ir+floor12": 13, "ir+floor16": 17, "ir+floor8+cpu": 9}
+
+
+def test_a_corrupt_cell_is_refused_naming_it(tmp_path):
+    path = tmp_path / "convergence-cpu-smollm2-300steps" / "tweet-sentiment" / "all-seed1.json"
+    path.parent.mkdir(parents=True)
+    path.write_text('{"task": "tweet')
+    with pytest.raises(SystemExit, match="all-seed1.json: not a finished cell's JSON"):
+        dt.quality(tmp_path)

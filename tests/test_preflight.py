@@ -214,6 +214,11 @@ def test_write_refuses_a_missing_or_unmarked_file_in_one_line(tmp_path, capsys):
     assert plain.read_text() == "no markers here\n"  # untouched
     marked = tmp_path / "marked.md"
     marked.write_text(f"head\n{preflight.TABLE_START}\nold\n{preflight.TABLE_END}\ntail\n")
+    (tmp_path / "marked.md.irtuning-tmp").mkdir()  # the copy cannot be written: refused, the file untouched
+    assert preflight.main(["--write", str(marked)]) == 2
+    assert "marked.md.irtuning-tmp" in capsys.readouterr().err
+    assert "old" in marked.read_text()
+    (tmp_path / "marked.md.irtuning-tmp").rmdir()
     assert preflight.main(["--write", str(marked)]) == 0
     assert marked.read_text() == preflight.with_refusals_table(f"head\n{preflight.TABLE_START}\nx\n"
                                                                 f"{preflight.TABLE_END}\ntail\n")
