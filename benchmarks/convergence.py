@@ -427,6 +427,8 @@ def report(cells: list[dict], tag: str, command: str, remaining: str = "") -> st
     g = lambda key: c0.get(key, "?")  # noqa: E731
     arms = two_arms(cells)
     full = any(_scope(c) == "full" for c in cells)
+    # the byte columns: wherever a cell recorded them (full fine-tuning, or the LoRA floors of issue 40)
+    held = full or any("device_bytes_per_step" in c for c in cells)
     if full:  # name each arm's trainable part and learning rate
         lrs = {sc: sorted({c.get("lr") for c in cells if _scope(c) == sc}) for sc in ("adapter", "full")}
         what = "; ".join(f"{'LoRA r=32 on q,k,v,up,down' if sc == 'adapter' else 'full fine-tuning (irtuning_scope: full)'}"
@@ -459,8 +461,8 @@ def report(cells: list[dict], tag: str, command: str, remaining: str = "") -> st
                   f"{'of the best' if arms else 'of all'} (mean; seeds reaching) | TFLOPs to 90% | training TFLOPs "
                   "(counted) | train s (mean) | layers/step (median) |"
                   + (" grads + Adam on device MB (median / max) | `cpu` offload moved MB/step (median / max) |"
-                     if full else ""),
-                  "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if full else "")]
+                     if held else ""),
+                  "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if held else "")]
         for name, r in t["strategies"].items():
             reach = (f"{statistics.mean(r['steps_to_target']):.0f} ({r['reached']}/{len(r['seeds'])})"
                      if r["reached"] else f"not reached (0/{len(r['seeds'])})" if t["target"] is not None else "n/a")
@@ -468,7 +470,7 @@ def report(cells: list[dict], tag: str, command: str, remaining: str = "") -> st
             lines.append(
                 f"| {name} | {','.join(map(str, r['seeds']))} | {_ms(r['test_accuracy'])} | {_ms(r['test_macro_f1'])} "
                 f"| {_ms(r['final_val_macro_f1'])} | {reach} | {gfl} | {statistics.mean(r['train_flops']) / 1e12:.1f} "
-                f"| {statistics.mean(r['train_s']):.0f} | {r['layers_median']:g} |" + (_bytes_cells(r) if full else ""))
+                f"| {statistics.mean(r['train_s']):.0f} | {r['layers_median']:g} |" + (_bytes_cells(r) if held else ""))
         lines += ["", "Validation accuracy / macro-F1 by optimizer step (mean over seeds):", ""]
         names = list(t["strategies"])
         steps = sorted({p["step"] for c in cells if c["task"] == task for p in c["curve"]})

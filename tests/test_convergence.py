@@ -204,6 +204,19 @@ def test_both_arms_in_one_table_with_the_best_row_as_target_and_byte_columns():
     assert "at lr 3e-05" in text and "LoRA r=32 on q,k,v,up,down (rows `LoRA ...`)" in text
 
 
+def test_a_lora_only_table_shows_the_byte_columns_once_a_cell_recorded_them():
+    old = _cell("all", 1, [0.2, 0.5, 0.6], 0.6)  # a cell written before bytes were recorded
+    floor = _cell("ir+floor8", 1, [0.1, 0.64, 0.7], 0.7)
+    floor.update(device_bytes_per_step=[2**20, 3 * 2**20, 3 * 2**20], active_per_step=[[1], [1, 2], [1, 2]],
+                 layer_state_bytes=[2**20, 2**21, 2**22], frozen_optimizer_state="keep")
+    for c in (old, floor):
+        c["lr"] = 1e-3
+    text = cv.report([old, floor], "t", "cmd")
+    assert "grads + Adam on device MB (median / max)" in text
+    assert "| 3.0 / 3.0 | 0.0 / 0.0 |" in text  # the floor's row: median / max held, nothing moved (keep)
+    assert text.count("| - | - |") == 1  # the old cell's row says it has no figures
+
+
 def test_the_sweep_chooses_the_best_final_validation_rate_and_says_so():
     cells = []
     for lr, f1s in ((1e-5, [0.2, 0.4]), (3e-5, [0.5, 0.7]), (1e-4, [0.6, 0.7])):
